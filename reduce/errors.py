@@ -1,0 +1,17 @@
+"""The one exception users see: a single line naming the file and the field at fault."""
+
+
+class ReduceError(Exception):
+    """A user-facing error. The CLI prints ``str(error)`` and exits with status 2.
+
+    ``file`` and ``field`` say where the problem is (a condition file and a dotted key,
+    a dataset and a variable, a run directory and a stage); ``message`` says what was
+    expected. Nothing is half-written when one is raised: every writer is atomic.
+    """
+
+    def __init__(self, message: str, *, file=None, field: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.field = field
+        self.message = " ".join(str(message).split())  # one line, always
+        where = ": ".join(p for p in (self.file, self.field) if p)
+        super().__init__(f"{where}: {self.message}" if where else self.message)

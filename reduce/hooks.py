@@ -1,0 +1,111 @@
+"""One hook mechanism for recording, ablating and resuming mid-network.
+
+Every unit site is the *input* of an out-projection, so a forward pre-hook sees it as one
+``(batch, pos, units)`` tensor for every architecture. Ablation is one formula on that tensor,
+``x * mask + offset * (1 - mask)``; recording keeps a reference to what downstream layers see
+(after any intervention), so recording adds no copy to the forward pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+
+from .sites import Site
+
+
+class Intervention(NamedTuple):
+    """Replace a site's units where ``mask`` is 0 by ``offset``; both broadcast to (batch, pos, units)."""
+
+    mask: torch.Tensor
+    offset: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.to(x.dtype)
+        return x * mask + self.offset.to(x.dtype) * (1 - mask)
+
+
+def _site_hook(model, site: Site):
+    """(module, 'pre' | 'post') whose input/output is the site's tensor."""
+    layer = model.layer(site.layer)
+    if site.kind == "mlp":
+        return layer.get_submodule(model.arch.mlp_out), "pre"
+    if site.kind == "attn":
+        return layer.get_submodule(model.arch.attn_out), "pre"
+    if site.kind == "resid_pre":
+        return layer, "pre"
+    return layer, "post"
+
+
+@contextmanager
+def hooked(model, *, record=(), interventions=None, retain_grad=False):
+    """Run forwards inside this context to record sites and apply interventions.
+
+    ``record``: iterable of :class:`Site`; the yielded dict maps site name to the latest
+    ``(batch, pos, units)`` tensor. ``interventions``: ``{Site: Intervention}``.
+    ``retain_grad`` keeps recorded tensors in the graph so ``.grad`` is filled by backward.
+    """
+    interventions = dict(interventions or {})
+    recorded: dict[str, torch.Tensor] = {}
+    wanted = {site.name for site in record}
+    handles = []
+    for site in {*record, *interventions}:
+        module, where = _site_hook(model, site)
+        intervention = interventions.get(site)
+        keep = site.name in wanted
+
+        def transform(x, intervention=intervention, keep=keep, name=site.name):
+            if intervention is not None:
+                x = intervention.apply(x)
+            if keep:
+                if retain_grad and x.requires_grad:
+                    x.retain_grad()
+                recorded[name] = x if retain_grad else x.detach()
+            return x
+
+        if where == "pre":
+
+            def pre(module, args, transform=transform, changes=intervention is not None):
+                x = transform(args[0])
+                return (x, *args[1:]) if changes else None
+
+            handles.append(module.register_forward_pre_hook(pre))
+        else:
+
+            def post(module, args, output, transform=transform, changes=intervention is not None):
+                x = transform(output)
+                return x if changes else None
+
+            handles.append(module.register_forward_hook(post))
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Passthrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def start_at_layer(model, layer: int, resid_pre: torch.Tensor):
+    """Skip layers ``< layer`` and feed ``resid_pre`` (cached from an earlier run) into ``layer``.
+
+    Ablations that touch only layers >= ``layer`` give exactly the same result this way as
+    a full run, for the cost of ``L - layer`` layers.
+    """
+    layers = model.layers
+    saved = [layers[i] for i in range(layer)]
+    for i in range(layer):
+        layers[i] = _Passthrough()
+    handle = layers[layer].register_forward_pre_hook(lambda module, args: (resid_pre, *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, original in enumerate(saved):
+            layers[i] = original
