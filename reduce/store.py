@@ -1,0 +1,136 @@
+"""Run directories: atomic files, one writer at a time, and stage fingerprints for resumption.
+
+A stage is *done* when its outputs exist and its recorded fingerprint (a hash of the parts of
+the condition it depends on) matches; otherwise it reruns. Files are written to a temporary
+name and renamed into place, so a killed process leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ReduceError
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling path; on success it replaces ``path`` (file or directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(temporary)
+    try:
+        yield temporary
+        if path.is_dir() and temporary.is_dir():
+            # Directories cannot be replaced in one rename: move the old one aside first.
+            aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, aside)
+            os.replace(temporary, path)
+            _remove(aside)
+        else:
+            os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+@contextmanager
+def atomic_write(path, mode: str = "w"):
+    """``open`` for writing, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_json(path, data) -> None:
+    with atomic_write(path) as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=_json_default)
+        handle.write("\n")
+
+
+def write_netcdf(dataset, path) -> None:
+    with atomic_path(path) as temporary:
+        dataset.to_netcdf(temporary, engine="h5netcdf")
+
+
+def fingerprint(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """A run directory held by one process at a time (an advisory lock on ``.lock``)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = None
+
+    def __truediv__(self, name) -> Path:
+        return self.path / name
+
+    def __enter__(self) -> "RunDir":
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise ReduceError("another reduce process is using this run directory; wait for it or choose another --out", file=self.path, field="lock") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def _stages(self) -> dict:
+        path = self.path / "stages.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def is_done(self, stage: str, key: str, outputs=()) -> bool:
+        """True when ``stage`` finished with fingerprint ``key`` and its outputs still exist."""
+        return self._stages().get(stage) == key and all((self.path / o).exists() for o in outputs)
+
+    def mark_done(self, stage: str, key: str) -> None:
+        stages = self._stages()
+        stages[stage] = key
+        write_json(self.path / "stages.json", stages)
+
+    def forget(self, stage: str) -> None:
+        stages = self._stages()
+        if stages.pop(stage, None) is not None:
+            write_json(self.path / "stages.json", stages)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
