@@ -71,28 +71,51 @@ class GroupedFeatures:
         connected = upstream[:, None] & (connection != 0)
         weight = np.where(connected, np.abs(connection) if self.weights == "gradient" else 1.0, 0.0)
         group = np.where(connection >= 0, 0, 1)
-        distances = np.unique(distance[upstream])
-        if distances.size == 0:
+        if not upstream.any():
             raise ReduceError("no recorded unit lies upstream of the target; record earlier layers", field="record.sites")
         self.baseline_ = np.zeros(stats.sizes["unit"]) if self.deviation_from == "zero" else stats[self.deviation_from].values.astype(np.float64)
-        self.distances_ = distances
-        self.spread_ = np.sqrt(stats["var"].values.astype(np.float64))
         self.synapses_ = xr.Dataset(
             {
                 "group": (("unit", "lag"), np.array(SIGN_GROUPS)[group]),
                 "distance": ("unit", distance),
+                "upstream": ("unit", upstream),
                 "weight": (("unit", "lag"), weight),
                 "connection": (("unit", "lag"), connection),
+                "baseline": ("unit", self.baseline_),
+                "spread": ("unit", np.sqrt(stats["var"].values.astype(np.float64))),
             },
             coords={"lag": self.lags, **{name: ("unit", stats[name].values) for name in ("site", "layer", "kind", "index")}},
         )
-        # One (unit, lag) -> (group, distance) projection; transform is a matmul per lag.
-        columns = group * distances.size + np.searchsorted(distances, np.clip(distance, distances[0], None))[:, None]
-        self._projection = np.zeros((stats.sizes["unit"], self.lags.size, len(SIGN_GROUPS) * distances.size))
+        self._index_synapses()
+        return self
+
+    def _index_synapses(self) -> None:
+        """Build the (unit, lag) -> (group, distance) projection that transform multiplies by."""
+        synapses = self.synapses_
+        self.baseline_ = synapses["baseline"].values
+        self.spread_ = synapses["spread"].values
+        distance = synapses["distance"].values
+        weight = synapses["weight"].values
+        self.distances_ = np.unique(distance[synapses["upstream"].values])
+        group = (synapses["group"].values == SIGN_GROUPS[1]).astype(int)
+        position = np.searchsorted(self.distances_, np.clip(distance, self.distances_[0], None))
+        columns = group * self.distances_.size + position[:, None]
+        self._projection = np.zeros((distance.size, self.lags.size, len(SIGN_GROUPS) * self.distances_.size))
         units, lag_index = np.nonzero(weight)
         self._projection[units, lag_index, columns[units, lag_index]] = weight[units, lag_index]
-        self._site_slices = _site_slices(stats["site"].values)
-        return self
+        self._site_slices = _site_slices(synapses["site"].values)
+
+    def to_dataset(self) -> xr.Dataset:
+        """The fitted map with its parameters as attributes (saved beside the reduced model)."""
+        return self.synapses_.assign_attrs(max_lag=self.max_lag, history_lags=self.history_lags, deviation_from=self.deviation_from, weights=self.weights, causal=int(self.causal))
+
+    @classmethod
+    def from_dataset(cls, dataset: xr.Dataset) -> "GroupedFeatures":
+        attrs = dataset.attrs
+        grouped = cls(max_lag=int(attrs["max_lag"]), history_lags=int(attrs["history_lags"]), deviation_from=attrs["deviation_from"], weights=attrs["weights"], causal=bool(attrs["causal"]))
+        grouped.synapses_ = dataset.load()
+        grouped._index_synapses()
+        return grouped
 
     def transform(self, activations: xr.Dataset, *, replace=None, prompts=None) -> xr.Dataset:
         """Features for every target sample of ``activations`` (or of ``prompts`` only).

@@ -93,3 +93,14 @@ def test_unit_inputs_and_covariance_signs():
     sign = np.sign(covariance.values[unit, list(lags).index(lag)])
     expected = sign * (activations[site].values[p, t - lag, index] - stats["peak"].values[unit]) if t - lag >= 0 else 0
     assert design["inputs"].values[3, column] == pytest.approx(expected)
+
+
+def test_saved_map_transforms_identically(tmp_path):
+    from reduce.store import write_netcdf
+
+    activations, stats = _run()
+    connection = xr.DataArray(np.random.default_rng(3).normal(size=(8, 3)), dims=("unit", "lag"), coords={"lag": [0, 1, 2]})
+    grouped = GroupedFeatures(max_lag=2, history_lags=1).fit(stats, connection, target_layer=2)
+    write_netcdf(grouped.to_dataset(), tmp_path / "map.nc")
+    reloaded = GroupedFeatures.from_dataset(xr.open_dataset(tmp_path / "map.nc", engine="h5netcdf"))
+    xr.testing.assert_identical(grouped.transform(activations), reloaded.transform(activations))
