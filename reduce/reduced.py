@@ -1,0 +1,1121 @@
+"""The reduced model: a sparse GLM whose weights are spatial × temporal filters per input group.
+
+    drive[n] = intercept + Σ_g Σ_d Σ_l F_g(d, l) · inputs[n, g, d, l] + Σ_h H(h) · history[n, h]
+    E[target | drive] = link⁻¹(drive)       (or a monotone non-parametric nonlinearity)
+
+Data is an ``xr.Dataset`` with ``inputs`` (sample, group, distance, lag), ``target`` (sample),
+optional ``history`` (sample, history_lag) and an optional ``block`` coordinate on ``sample``
+(e.g. the prompt) whose samples always stay on the same side of a split or fold.
+
+How it is fitted
+----------------
+Each filter lies in the span of a spatial basis (over distance) times a temporal basis (over lag),
+both orthonormalised on the grid, so a filter's coefficients have the Euclidean norm of the
+filter and its rank-1 SVD is the SVD of the filter on the grid. Inputs and history are centred.
+With c_g = ‖drive contribution of group g‖ / √n (the RMS over samples of Σ_dl F_g x_g) and c_h the
+same for the history term, the objective is
+
+    mean negative log-likelihood + α [ρ Σ_g ω_g c_g + (1 − ρ)/2 (Σ_g c_g² + c_h²)]
+
+with ρ = ``l1_ratio`` and ω_g = √(coefficients of F_g): a group lasso that can drop a whole input
+group (e.g. the inhibitory one), plus an optional ridge part; the history term is never dropped.
+Penalising each group's contribution rather than its coefficients (the standardised group lasso)
+makes the penalty independent of the basis parametrisation and of the inputs' scale. In whitened
+coordinates (each group's design orthonormalised) the proximal step is closed-form block
+soft-thresholding, so FISTA (accelerated proximal gradient with adaptive restart) minimises the
+objective exactly; no library offers this penalty for these families.
+
+``structure="separable"`` constrains F_g(d, l) = s_g(d) · t_g(l). The objective restricted to
+rank-1 filters is biconvex; it is minimised by alternating exact convex steps over s (t fixed)
+and t (s fixed) — each step is again a standardised group lasso. The scale and sign ambiguity is
+removed by ‖t_g‖ = 1 on the grid and Σ_l t_g(l) ≥ 0, so an inhibitory group shows up as a
+negative spatial filter.
+
+α is chosen by K-fold cross-validation (held-out deviance) over a log-spaced path from α_max
+(every group dropped) down, with folds that never split a block, warm-starting each α from the
+previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy.special import expit, logit, xlogy
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import r2_score, roc_auc_score
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import ThreadpoolController
+
+from .basis import Basis, Constant, LogRaisedCosine, basis_from_dict
+from .errors import ReduceError
+from .store import write_netcdf
+
+INPUT_DIMS = ("sample", "group", "distance", "lag")
+HISTORY_DIMS = ("sample", "history_lag")
+PRIMARY_METRIC = {"bernoulli": "auroc", "gaussian": "r2", "poisson": "deviance_explained"}
+STRUCTURES = ("separable", "full")
+NONLINEARITIES = ("link", "empirical")
+ALPHA_RULES = ("min", "1se")
+
+
+# ----------------------------------------------------------------------------------------------
+# Families (all with canonical links, so the loss gradient with respect to the drive is mean − y)
+
+
+def _bernoulli_deviance(y, mean):
+    mean = np.clip(mean, 1e-12, 1 - 1e-12)
+    return -2.0 * (y * np.log(mean) + (1 - y) * np.log1p(-mean))
+
+
+def _poisson_deviance(y, mean):
+    mean = np.maximum(mean, 1e-300)
+    return 2.0 * (xlogy(y, y / mean) - (y - mean))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    mean: Callable  # inverse link
+    loss: Callable  # per-sample negative log-likelihood of (y, drive), up to a constant
+    unit_deviance: Callable  # of (y, mean)
+    link: Callable
+    curvature: float | None  # bound on the loss's second derivative in the drive (None: unbounded)
+
+
+FAMILIES = {
+    "bernoulli": Family("bernoulli", expit, lambda y, eta: np.logaddexp(0.0, eta) - y * eta, _bernoulli_deviance, logit, 0.25),
+    "gaussian": Family("gaussian", lambda eta: eta, lambda y, eta: 0.5 * (y - eta) ** 2, lambda y, mean: (y - mean) ** 2, lambda m: m, 1.0),
+    "poisson": Family("poisson", np.exp, lambda y, eta: np.exp(eta) - y * eta, _poisson_deviance, np.log, None),
+}
+
+
+def _family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver: FISTA on  mean loss + α [ρ Σ_k ω_k ‖w_k‖ + (1 − ρ)/2 Σ_j r_j w_j²]
+
+
+class _Penalty:
+    """Which coefficients form each group-lasso group, and the weights of both penalty parts."""
+
+    def __init__(self, labels, group_weights, ridge_weights, l1_ratio: float):
+        self.labels = np.asarray(labels)  # (p,) group of each coefficient; -1: ridge part only
+        self.grouped = np.flatnonzero(self.labels >= 0)
+        self.group_of = self.labels[self.grouped]
+        self.group_weights = np.asarray(group_weights, dtype=float)
+        self.ridge_weights = np.asarray(ridge_weights, dtype=float)
+        self.l1_ratio = float(l1_ratio)
+
+    def norms(self, coef):
+        return np.sqrt(np.bincount(self.group_of, weights=coef[self.grouped] ** 2, minlength=len(self.group_weights)))
+
+    def shrink(self, coef, thresholds):
+        """Block soft-thresholding: the proximal operator of Σ_k thresholds_k ‖coef_k‖."""
+        factor = np.maximum(0.0, 1.0 - thresholds / np.maximum(self.norms(coef), 1e-300))
+        coef = coef.copy()
+        coef[self.grouped] *= factor[self.group_of]
+        return coef
+
+
+@dataclass
+class _Solution:
+    intercept: float
+    coef: np.ndarray
+    objective: float = np.inf
+    n_iter: int = 0
+    converged: bool = False
+    lipschitz: float = 1.0  # the last step size's inverse: the next warm start begins there
+
+
+def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _Solution | None, *, gram_norm: float, tol: float, max_iter: int) -> _Solution:
+    """Minimise the penalised objective from ``start`` (or the intercept-only model).
+
+    ``gram_norm`` is the largest eigenvalue of [1 design]ᵀ[1 design] / n, so where the family's
+    curvature is bounded (bernoulli, gaussian) the step 1 / L with L = curvature · gram_norm +
+    ridge is safe and no loss needs evaluating; otherwise
+    (poisson) the step is found by backtracking. Converged when the gradient mapping (the
+    proximal step divided by the step size, zero exactly at the optimum) is below
+    ``tol × std(y)`` in every coordinate.
+    """
+    n = len(y)
+    ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
+    thresholds = alpha * penalty.l1_ratio * penalty.group_weights
+
+    def smooth(coef, eta):
+        return family.loss(y, eta).mean() + 0.5 * np.dot(ridge * coef, coef)
+
+    if start is None:
+        start = _Solution(float(family.link(y.mean())), np.zeros(design.shape[1]))
+    backtrack = family.curvature is None
+    lipschitz = start.lipschitz if backtrack else family.curvature * gram_norm + ridge.max(initial=0.0)
+    b, w = start.intercept, start.coef.copy()
+    eta = b + design @ w
+    yb, yw, eta_y, momentum = b, w, eta, 1.0
+    tolerance = tol * max(float(y.std()), 1e-12)
+    converged, iteration = False, 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for iteration in range(1, max_iter + 1):
+            if backtrack:
+                value_y = smooth(yw, eta_y)
+                if not np.isfinite(value_y):  # an extrapolated point overflowed: drop the momentum
+                    yb, yw, eta_y, momentum = b, w, eta, 1.0
+                    value_y = smooth(yw, eta_y)
+            residual = family.mean(eta_y) - y
+            grad_b, grad_w = residual.sum() / n, design.T @ residual / n + ridge * yw
+            while True:
+                new_b = yb - grad_b / lipschitz
+                new_w = penalty.shrink(yw - grad_w / lipschitz, thresholds / lipschitz)
+                new_eta = design @ new_w
+                new_eta += new_b
+                step_b, step_w = new_b - yb, new_w - yw
+                if not backtrack:
+                    break
+                bound = value_y + grad_b * step_b + grad_w @ step_w + 0.5 * lipschitz * (step_b**2 + step_w @ step_w)
+                if smooth(new_w, new_eta) <= bound + 1e-12 * abs(value_y) or lipschitz > 1e15:
+                    break
+                lipschitz *= 2.0
+            if lipschitz * max(abs(step_b), np.abs(step_w).max(initial=0.0)) <= tolerance:
+                b, w, eta, converged = new_b, new_w, new_eta, True
+                break
+            # Adaptive restart (O'Donoghue & Candès): momentum that points uphill is dropped.
+            if step_b * (new_b - b) + step_w @ (new_w - w) < 0:
+                momentum = 1.0
+            next_momentum = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * momentum**2))
+            beta = (momentum - 1.0) / next_momentum
+            yb, yw = new_b + beta * (new_b - b), new_w + beta * (new_w - w)
+            eta_y = np.subtract(new_eta, eta, out=eta_y if eta_y is not eta else None)
+            eta_y *= beta
+            eta_y += new_eta
+            b, w, eta, momentum = new_b, new_w, new_eta, next_momentum
+            if backtrack:
+                lipschitz *= 0.9  # let the step grow again where the curvature is lower
+    objective = smooth(w, eta) + float(thresholds @ penalty.norms(w))
+    return _Solution(float(b), w, float(objective), iteration, converged, lipschitz)
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems: a design, a target and a penalty structure, fitted along a path of α
+
+
+class _Problem:
+    target: np.ndarray
+    family: Family
+
+    def mean_deviance(self, state) -> float:
+        return float(self.family.unit_deviance(self.target, self.family.mean(self.drive(state))).mean())
+
+
+class _LinearProblem(_Problem):
+    """A penalised GLM on a centred 2-D design whose column blocks are whitened.
+
+    Block k (the columns labelled k) is multiplied by T_k = V Λ^(−1/2) from the eigendecomposition
+    of its covariance, so its whitened columns are uncorrelated with unit variance (directions of
+    zero variance are dropped). A group lasso on whitened coefficients then penalises
+    ‖Z_k β_k‖ / √n, the RMS of block k's contribution to the drive: it does not depend on how the
+    block is parametrised, and FISTA's steps are well conditioned. Label −1 marks the block outside
+    the group lasso (history), which is whitened and gets the ridge part only.
+    """
+
+    def __init__(self, whitened, target, family: Family, penalty: _Penalty, blocks, tol: float, max_iter: int):
+        self.whitened, self.target, self.family, self.penalty = whitened, target, family, penalty
+        self.blocks = blocks  # [(original columns, T_k, T_k⁺ᵀ)]
+        self.tol, self.max_iter = tol, max_iter
+
+    @classmethod
+    def build(cls, design, target, family: Family, labels, group_weights, l1_ratio: float, *, tol: float, max_iter: int) -> "_LinearProblem":
+        columns, blocks, white_labels = [], [], []
+        for label in np.unique(labels):
+            original = np.flatnonzero(labels == label)
+            block = design[:, original]
+            variances, directions = np.linalg.eigh(block.T @ block / len(block))
+            keep = variances > max(variances.max(initial=0.0), 1e-300) * 1e-10
+            directions, scales = directions[:, keep], np.sqrt(variances[keep])
+            columns.append(block @ (directions / scales))
+            blocks.append((original, directions / scales, directions * scales))
+            white_labels.append(np.full(keep.sum(), label))
+        white_labels = np.concatenate(white_labels)
+        penalty = _Penalty(white_labels, group_weights, np.ones(len(white_labels)), l1_ratio)
+        return cls(np.asfortranarray(np.concatenate(columns, axis=1)), target, family, penalty, blocks, tol, max_iter)
+
+    def to_original(self, white_coef) -> np.ndarray:
+        coef = np.zeros(sum(len(original) for original, _, _ in self.blocks))
+        start = 0
+        for original, transform, _ in self.blocks:
+            coef[original] = transform @ white_coef[start : start + transform.shape[1]]
+            start += transform.shape[1]
+        return coef
+
+    def to_whitened(self, coef) -> np.ndarray:
+        return np.concatenate([inverse.T @ coef[original] for original, _, inverse in self.blocks])
+
+    def rows(self, index) -> "_LinearProblem":
+        return _LinearProblem(np.asfortranarray(self.whitened[index]), self.target[index], self.family, self.penalty, self.blocks, self.tol, self.max_iter)
+
+    def alpha_max(self) -> float:
+        """The smallest α at which every group is zero (with only the intercept fitted)."""
+        gradient = self.whitened.T @ (self.target.mean() - self.target) / len(self.target)
+        ratio = max(self.penalty.l1_ratio, 1e-3)
+        return float(max((self.penalty.norms(gradient) / (ratio * self.penalty.group_weights)).max(), 1e-12))
+
+    @cached_property
+    def gram_norm(self) -> float:
+        """Largest eigenvalue of [1 Z]ᵀ[1 Z] / n: with the family's curvature, a safe step size."""
+        n = len(self.target)
+        augmented = np.empty((self.whitened.shape[1] + 1,) * 2)
+        augmented[0, 0] = 1.0
+        augmented[0, 1:] = augmented[1:, 0] = self.whitened.mean(axis=0)
+        augmented[1:, 1:] = self.whitened.T @ self.whitened / n
+        return float(np.linalg.eigvalsh(augmented)[-1])
+
+    def fit(self, alpha: float, warm: _Solution | None) -> _Solution:
+        gram_norm = self.gram_norm if self.family.curvature is not None else 1.0
+        return _solve(self.whitened, self.target, self.family, self.penalty, alpha, warm, gram_norm=gram_norm, tol=self.tol, max_iter=self.max_iter)
+
+    def drive(self, solution: _Solution) -> np.ndarray:
+        return solution.intercept + self.whitened @ solution.coef
+
+
+@dataclass
+class _FilterState:
+    intercept: float
+    filters: np.ndarray  # (group, spatial coef, temporal coef)
+    history: np.ndarray  # (history_lag,)
+    n_iter: int
+    converged: bool
+    solutions: list  # the last solver solutions (full grid: one; separable: the s and t steps), to warm-start from
+    spatial: np.ndarray | None = None  # separable: (group, spatial coef)
+    temporal: np.ndarray | None = None  # separable: (group, temporal coef), unit norm
+
+
+class _FilterProblem(_Problem):
+    """Grouped spatial × temporal filters (+ history) in orthonormal basis coordinates.
+
+    ``features`` (sample, group, spatial coef, temporal coef) and ``history`` are centred;
+    ``temporal_grid`` (lag × temporal coef) maps temporal coefficients to the grid for the sign
+    convention. Each group's penalty weight is ω_g = √(spatial × temporal coefficients) in the
+    full-grid fit and in both separable steps, so they all minimise one objective.
+
+    The separable fit follows the α path: each α starts from the previous α's s and t, and a group
+    that is still zero gets as its t the direction in which it would enter, the top right singular
+    vector of the loss gradient with respect to its full-grid filter.
+    """
+
+    def __init__(self, features, history, target, family, l1_ratio, temporal_grid, separable, *, tol, max_iter, max_alternations):
+        self.features, self.history, self.target, self.family = features, history, target, family
+        self.l1_ratio, self.temporal_grid, self.separable = l1_ratio, temporal_grid, separable
+        self.tol, self.max_iter, self.max_alternations = tol, max_iter, max_alternations
+        n_groups, n_spatial, n_temporal = features.shape[1:]
+        self.group_weights = np.full(n_groups, np.sqrt(n_spatial * n_temporal))
+
+    @cached_property
+    def full(self) -> _LinearProblem:
+        return self._step_problem(self.features.reshape(len(self.target), -1), int(np.prod(self.features.shape[2:])))
+
+    @cached_property
+    def _by_spatial(self):
+        """Features as (group, sample · spatial coef, temporal coef): s-step designs by matrix-vector products."""
+        n_groups, n_spatial, n_temporal = self.features.shape[1:]
+        return np.ascontiguousarray(self.features.transpose(1, 0, 2, 3)).reshape(n_groups, -1, n_temporal)
+
+    @cached_property
+    def _by_temporal(self):
+        n_groups, n_spatial, n_temporal = self.features.shape[1:]
+        return np.ascontiguousarray(self.features.transpose(1, 0, 3, 2)).reshape(n_groups, -1, n_spatial)
+
+    def _contract(self, by_axis, weights) -> np.ndarray:
+        """Σ over one filter axis of the features weighted by ``weights`` (group, coef): (sample, group · other coef)."""
+        n_groups = len(weights)
+        contracted = np.stack([by_axis[g] @ weights[g] for g in range(n_groups)])
+        return contracted.reshape(n_groups, len(self.target), -1).transpose(1, 0, 2).reshape(len(self.target), -1)
+
+    def _step_problem(self, filter_design, per_group: int) -> _LinearProblem:
+        labels = np.concatenate([np.repeat(np.arange(self.features.shape[1]), per_group), np.full(self.history.shape[1], -1)])
+        design = np.concatenate([filter_design, self.history], axis=1)
+        return _LinearProblem.build(design, self.target, self.family, labels, self.group_weights, self.l1_ratio, tol=self.tol, max_iter=self.max_iter)
+
+    def rows(self, index) -> "_FilterProblem":
+        settings = dict(tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations)
+        return _FilterProblem(
+            self.features[index], self.history[index], self.target[index], self.family, self.l1_ratio, self.temporal_grid, self.separable, **settings
+        )
+
+    def alpha_max(self) -> float:
+        return self.full.alpha_max()
+
+    def _split(self, coef, per_group: int):
+        n_groups = self.features.shape[1]
+        return coef[: n_groups * per_group].reshape(n_groups, per_group), coef[n_groups * per_group :]
+
+    def fit(self, alpha: float, warm: _FilterState | None) -> _FilterState:
+        if self.separable:
+            return self._fit_separable(alpha, warm)
+        solution = self.full.fit(alpha, warm.solutions[0] if warm is not None else None)
+        filters, history = self._split(self.full.to_original(solution.coef), int(np.prod(self.features.shape[2:])))
+        return _FilterState(solution.intercept, filters.reshape(self.features.shape[1:]), history, solution.n_iter, solution.converged, [solution])
+
+    def _fit_separable(self, alpha: float, warm: _FilterState | None) -> _FilterState:
+        """Exact convex steps over s (t fixed) and t (s fixed) until the objective settles."""
+        n_groups, n_spatial, n_temporal = self.features.shape[1:]
+        if warm is None:
+            intercept = float(self.family.link(self.target.mean()))
+            spatial, temporal, history = np.zeros((n_groups, n_spatial)), np.zeros((n_groups, n_temporal)), np.zeros(self.history.shape[1])
+            steps = [_Solution(intercept, np.zeros(0))] * 2
+        else:
+            intercept, spatial, temporal, history, steps = warm.intercept, warm.spatial, warm.temporal.copy(), warm.history, warm.solutions
+        absent = ~spatial.any(axis=1)
+        if absent.any():
+            state = _FilterState(intercept, spatial[:, :, None] * temporal[:, None, :], history, 0, False, steps)
+            residual = self.family.mean(self.drive(state)) - self.target
+            gradient = (residual @ self.features.reshape(len(residual), -1) / len(residual)).reshape(self.features.shape[1:])
+            temporal[absent] = _rank_one(gradient[absent], self.temporal_grid)[1]
+        previous, n_iter, converged = np.inf, 0, False
+        for _ in range(self.max_alternations):
+            # With t fixed, each group's drive contribution is linear in s_g: a standardised group lasso ...
+            problem = self._step_problem(self._contract(self._by_spatial, temporal), n_spatial)
+            start = _Solution(intercept, problem.to_whitened(np.concatenate([spatial.ravel(), history])), lipschitz=steps[0].lipschitz)
+            spatial_step = problem.fit(alpha, start)
+            spatial, history = self._split(problem.to_original(spatial_step.coef), n_spatial)
+            # ... and likewise in t_g with s fixed.
+            problem = self._step_problem(self._contract(self._by_temporal, spatial), n_temporal)
+            start = _Solution(spatial_step.intercept, problem.to_whitened(np.concatenate([temporal.ravel(), history])), lipschitz=steps[1].lipschitz)
+            temporal_step = problem.fit(alpha, start)
+            new_temporal, history = self._split(problem.to_original(temporal_step.coef), n_temporal)
+            spatial, temporal = _normalise(spatial, new_temporal, temporal, self.temporal_grid)
+            intercept, steps = temporal_step.intercept, [spatial_step, temporal_step]
+            n_iter += spatial_step.n_iter + temporal_step.n_iter
+            if previous - temporal_step.objective <= self.tol * max(abs(temporal_step.objective), 1e-12):
+                converged = spatial_step.converged and temporal_step.converged
+                break
+            previous = temporal_step.objective
+        filters = spatial[:, :, None] * temporal[:, None, :]
+        return _FilterState(intercept, filters, history, n_iter, converged, steps, spatial, temporal)
+
+    def drive(self, state: _FilterState) -> np.ndarray:
+        return state.intercept + self.features.reshape(len(self.target), -1) @ state.filters.ravel() + self.history @ state.history
+
+
+def _sign_convention(temporal_on_grid):
+    """+1 or −1 per group so that Σ_l t_g(l) ≥ 0 (or, summing to zero, its largest value is positive)."""
+    sums = temporal_on_grid.sum(axis=1)
+    peaks = np.take_along_axis(temporal_on_grid, np.abs(temporal_on_grid).argmax(axis=1)[:, None], axis=1)[:, 0]
+    tie = np.abs(sums) <= 1e-12 * np.abs(temporal_on_grid).sum(axis=1)
+    return np.where(np.where(tie, peaks, sums) < 0, -1.0, 1.0)
+
+
+def _rank_one(filters, temporal_grid):
+    """Leading singular pair per group: s = σ₁u₁, t = v₁ (‖t‖ = 1, signed by convention); σ₁²/Σσ²."""
+    left, singular, right = np.linalg.svd(filters, full_matrices=False)
+    spatial, temporal = left[:, :, 0] * singular[:, :1], right[:, 0, :]
+    sign = _sign_convention(temporal @ temporal_grid.T)
+    energy = (singular**2).sum(axis=1)
+    separability = np.divide(singular[:, 0] ** 2, energy, out=np.ones_like(energy), where=energy > 0)
+    return spatial * sign[:, None], temporal * sign[:, None], separability
+
+
+def _normalise(spatial, temporal, previous_temporal, temporal_grid):
+    """Move the scale of t into s; a group whose t was zeroed keeps its previous direction."""
+    norms = np.linalg.norm(temporal, axis=1)
+    alive = norms > 0
+    temporal = np.where(alive[:, None], temporal / np.where(alive, norms, 1.0)[:, None], previous_temporal)
+    spatial = spatial * np.where(alive, norms, 0.0)[:, None]
+    sign = _sign_convention(temporal @ temporal_grid.T)
+    return spatial * sign[:, None], temporal * sign[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-validation over the penalty path, with folds that never split a block
+
+
+def block_folds(blocks, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_folds`` (train, test) index pairs; all samples of a block fall in the same test fold."""
+    blocks = np.asarray(blocks)
+    n_blocks = len(np.unique(blocks))
+    if n_blocks < n_folds:
+        raise ReduceError(f"{n_folds}-fold cross-validation needs at least {n_folds} blocks, found {n_blocks}; add blocks or lower cv", field="block")
+    splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(blocks)), groups=blocks))
+
+
+def split_by_block(blocks, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) sample indices holding out about ``test_fraction`` of the blocks."""
+    blocks = np.asarray(blocks)
+    n_blocks = len(np.unique(blocks))
+    if n_blocks < 2:
+        raise ReduceError(f"a train/test split needs at least 2 blocks, found {n_blocks}", field="block")
+    n_test = min(max(1, round(test_fraction * n_blocks)), n_blocks - 1)
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_test, random_state=seed)
+    train, test = next(splitter.split(np.zeros(len(blocks)), groups=blocks))
+    return np.sort(train), np.sort(test)
+
+
+def _cross_validate(problem: _Problem, folds, alphas) -> dict:
+    deviance = np.empty((len(alphas), len(folds)))
+    converged = np.empty((len(alphas), len(folds)), dtype=bool)
+    for k, (train, test) in enumerate(folds):
+        fit_on, held_out = problem.rows(train), problem.rows(test)
+        state = None
+        for a, alpha in enumerate(alphas):
+            state = fit_on.fit(alpha, state)
+            deviance[a, k], converged[a, k] = held_out.mean_deviance(state), state.converged
+    return _cv_results(alphas, deviance, converged)
+
+
+def _cv_results(alphas, fold_deviance, converged) -> dict:
+    """``cv_results_``: the α path, held-out mean deviance per (α, fold), its mean and spread."""
+    n_folds = fold_deviance.shape[1]
+    return {
+        "alphas": np.asarray(alphas),
+        "fold_deviance": fold_deviance,
+        "mean_deviance": fold_deviance.mean(axis=1),
+        "std_deviance": fold_deviance.std(axis=1, ddof=1) if n_folds > 1 else np.zeros(len(alphas)),
+        "converged": converged,
+    }
+
+
+def _choose_alpha(cv_results: dict, rule: str) -> float:
+    """``min``: lowest mean held-out deviance; ``1se``: the largest α within one standard error of it."""
+    mean, alphas = cv_results["mean_deviance"], cv_results["alphas"]
+    best = int(np.argmin(mean))
+    if rule == "min":
+        return float(alphas[best])
+    n_folds = cv_results["fold_deviance"].shape[1]
+    limit = mean[best] + cv_results["std_deviance"][best] / np.sqrt(n_folds)
+    return float(alphas[np.flatnonzero(mean <= limit)].max())
+
+
+def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_min_ratio, cv, alpha_rule, seed):
+    """Choose α by block cross-validation unless given; refit along the path down to it."""
+    cv_results = None
+    if alpha is None:
+        top = problem.alpha_max()
+        alphas = np.geomspace(top, top * alpha_min_ratio, n_alphas)
+        cv_results = _cross_validate(problem, block_folds(blocks, cv, seed), alphas)
+        alpha = _choose_alpha(cv_results, alpha_rule)
+        path = alphas[alphas >= alpha]
+    else:
+        path = [float(alpha)]
+    state, n_iter = None, 0
+    for step in path:
+        state = problem.fit(step, state)
+        n_iter += state.n_iter
+    return state, float(alpha), cv_results, n_iter
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()  # inspecting the loaded libraries is slow: once per process
+
+
+def _one_blas_thread():
+    """The solver's products are small: one BLAS thread is fastest, and kind to a shared machine."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _warn_if_not_converged(estimator, converged: bool) -> None:
+    if not converged:
+        warnings.warn(
+            f"{type(estimator).__name__} did not converge (tol={estimator.tol}, max_iter={estimator.max_iter}); "
+            "its coefficients and metrics are not reliable",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the dataset contract, checked once, with ReduceErrors naming the variable at fault
+
+
+def as_dataset(inputs, target=None, *, history=None, blocks=None, groups=None, distances=None, lags=None) -> xr.Dataset:
+    """Arrays → the reduced model's dataset. Default coordinates: groups 0.., distances 1..D, lags 0..L−1."""
+    inputs = np.asarray(inputs, dtype=float)
+    if inputs.ndim != 4:
+        raise ReduceError(f"inputs must be 4-D (sample, group, distance, lag), got shape {inputs.shape}", field="inputs")
+    _, n_groups, n_distances, n_lags = inputs.shape
+    coords = {
+        "group": np.arange(n_groups) if groups is None else np.asarray(groups),
+        "distance": np.arange(1, n_distances + 1) if distances is None else np.asarray(distances),
+        "lag": np.arange(n_lags) if lags is None else np.asarray(lags),
+    }
+    dataset = xr.Dataset({"inputs": (INPUT_DIMS, inputs)}, coords=coords)
+    if target is not None:
+        dataset["target"] = ("sample", np.asarray(target, dtype=float).ravel())
+    if history is not None:
+        history = np.asarray(history, dtype=float)
+        dataset["history"] = (HISTORY_DIMS, history.reshape(len(history), -1))
+        dataset = dataset.assign_coords(history_lag=np.arange(1, dataset.sizes["history_lag"] + 1))
+    if blocks is not None:
+        dataset = dataset.assign_coords(block=("sample", np.asarray(blocks)))
+    return dataset
+
+
+def check_target(values, family: str, *, source=None, field: str = "target") -> None:
+    """The target suits the family: two classes (bernoulli), counts (poisson), not constant."""
+    values = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise ReduceError(f"{np.size(values) - np.isfinite(values).sum()} values are NaN or infinite", file=source, field=field)
+    if family == "bernoulli":
+        if not np.all((values == 0) | (values == 1)):
+            raise ReduceError("a bernoulli target must be 0/1 (or boolean)", file=source, field=field)
+        if len(np.unique(values)) < 2:
+            raise ReduceError(f"one class only (every value is {values.flat[0]:g}); a bernoulli fit needs both", file=source, field=field)
+    if family == "poisson" and not np.all((values >= 0) & (values == np.round(values))):
+        raise ReduceError("a poisson target must be non-negative integer counts", file=source, field=field)
+    if np.ptp(values) == 0:
+        raise ReduceError(f"the target is constant ({values.flat[0]:g}); there is nothing to predict", file=source, field=field)
+
+
+def check_dataset(dataset: xr.Dataset, family: str | None = None, *, source=None, need_target: bool = True) -> xr.Dataset:
+    """The dataset in canonical form (dims ordered, default coordinates), or a ReduceError.
+
+    ``family`` also checks the target against the family; ``source`` names the file in errors.
+    """
+    expected = {"inputs": INPUT_DIMS, "target": ("sample",), "history": HISTORY_DIMS, "block": ("sample",)}
+    required = ["inputs", "target"] if need_target else ["inputs"]
+    for name in required:
+        if name not in dataset.variables:
+            raise ReduceError(f"missing variable {name!r} with dims {expected[name]}", file=source, field=name)
+    for name, dims in expected.items():
+        if name in dataset.variables and set(dataset[name].dims) != set(dims):
+            raise ReduceError(f"dims are {dataset[name].dims}, expected {dims}", file=source, field=name)
+    defaults = {"group": np.arange, "distance": lambda n: np.arange(1, n + 1), "lag": np.arange, "history_lag": lambda n: np.arange(1, n + 1)}
+    dataset = dataset.assign_coords({dim: make(dataset.sizes[dim]) for dim, make in defaults.items() if dim in dataset.dims and dim not in dataset.coords})
+    for dim in ("distance", "lag", "history_lag"):
+        if dim in dataset.coords and not np.issubdtype(dataset[dim].dtype, np.number):
+            raise ReduceError(f"coordinate must be numeric (bases are evaluated on it), got {dataset[dim].dtype}", file=source, field=dim)
+    for name in ("inputs", "history", "target"):
+        if name in dataset.variables and not (name == "target" and not need_target):
+            values = dataset[name].values
+            if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
+                raise ReduceError(f"values must be numeric, got {values.dtype}", file=source, field=name)
+            bad = values.size - np.count_nonzero(np.isfinite(values))
+            if bad:
+                raise ReduceError(f"{bad} values are NaN or infinite", file=source, field=name)
+    if need_target and family is not None:
+        check_target(dataset["target"].values, family, source=source)
+    ordered = {"inputs": INPUT_DIMS, "history": HISTORY_DIMS}
+    return dataset.assign({name: dataset[name].transpose(*dims) for name, dims in ordered.items() if name in dataset.variables})
+
+
+def sample_blocks(dataset: xr.Dataset) -> np.ndarray:
+    """The block of each sample; without a ``block`` coordinate every sample is its own block."""
+    return dataset["block"].values if "block" in dataset.variables else np.arange(dataset.sizes["sample"])
+
+
+def _dataset(X, y=None) -> xr.Dataset:
+    dataset = X if isinstance(X, xr.Dataset) else as_dataset(X)
+    if y is not None:
+        dataset = dataset.assign(target=("sample", np.asarray(y, dtype=float).ravel()))
+    return dataset
+
+
+def _aligned(array: xr.DataArray, reference: xr.DataArray) -> np.ndarray:
+    """``array``'s values on ``reference``'s coordinates (same sets required, any order)."""
+    for dim in reference.dims:
+        ours, theirs = set(array[dim].values.tolist()), set(reference[dim].values.tolist())
+        if ours != theirs:
+            raise ReduceError(f"{dim} coordinates {sorted(ours, key=str)} differ from the model's {sorted(theirs, key=str)}", field=array.name)
+    selected = array.sel({dim: reference[dim].values for dim in reference.dims})
+    return np.ascontiguousarray(selected.transpose("sample", *reference.dims).values, dtype=float)
+
+
+def _orthonormal(basis: Basis, points) -> np.ndarray:
+    """An orthonormal basis (points × r) of the span of ``basis`` on the grid (rank-deficient columns dropped)."""
+    left, singular, _ = np.linalg.svd(basis.evaluate(points), full_matrices=False)
+    keep = singular > singular[0] * 1e-10 * max(left.shape)
+    return left[:, keep]
+
+
+def _project(inputs, spatial, temporal) -> np.ndarray:
+    """(sample, group, distance, lag) → (sample, group, spatial coef, temporal coef)."""
+    return np.matmul(np.swapaxes(inputs @ temporal, 2, 3), spatial).swapaxes(2, 3)
+
+
+def _empirical_nonlinearity(drive, target, n_bins: int = 20):
+    """Binned drive → mean target per bin, made monotone (isotonic): the seed's nonlinearity."""
+    edges = np.quantile(drive, np.linspace(0, 1, n_bins + 1))
+    bins = np.clip(np.searchsorted(edges, drive, side="right") - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    used = counts > 0
+    centres = np.bincount(bins, drive, minlength=n_bins)[used] / counts[used]
+    rates = np.bincount(bins, target, minlength=n_bins)[used] / counts[used]
+    monotone = IsotonicRegression(increasing=True).fit(centres, rates, sample_weight=counts[used])
+    return centres, monotone.predict(centres)
+
+
+def _nonlinearity_array(drive, rate) -> xr.DataArray:
+    return xr.DataArray(rate, dims="knot", coords={"drive": ("knot", drive)}, name="nonlinearity")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _metrics(family: str, target, drive, mean) -> dict:
+    """auroc (bernoulli, of the drive), r2 (gaussian) and deviance explained vs the target's mean."""
+    unit_deviance = FAMILIES[family].unit_deviance
+    null = unit_deviance(target, np.full_like(target, target.mean())).sum()
+    metrics = {"deviance_explained": float(1.0 - unit_deviance(target, mean).sum() / null) if null > 0 else float("nan"), "n": int(len(target))}
+    if family == "bernoulli":
+        metrics["auroc"] = float(roc_auc_score(target, drive)) if len(np.unique(target)) == 2 else float("nan")
+    if family == "gaussian":
+        metrics["r2"] = float(r2_score(target, mean))
+    return metrics
+
+
+def evaluate(model, X_test, y_test=None) -> dict:
+    """Held-out metrics of a fitted ReducedModel or UnitGLM: auroc (bernoulli), r2 (gaussian),
+    deviance_explained (always), n (samples)."""
+    if isinstance(X_test, xr.Dataset):
+        target = X_test["target"].values if y_test is None else y_test
+    else:
+        target = y_test
+    target = np.asarray(target, dtype=float).ravel()
+    return _metrics(model.family, target, model.decision_function(X_test), model.predict(X_test))
+
+
+def _is_bernoulli(estimator) -> bool:
+    return estimator.family == "bernoulli"
+
+
+# ----------------------------------------------------------------------------------------------
+# The reduced model
+
+
+class ReducedModel(BaseEstimator):
+    """Grouped spatial × temporal filters + history → target, a scikit-learn estimator.
+
+    Parameters
+    ----------
+    family : ``bernoulli`` (logit link), ``gaussian`` (identity) or ``poisson`` (log).
+    structure : ``separable`` (F_g = s_g ⊗ t_g, the seed's model) or ``full`` (free matrix in the bases).
+    spatial_basis, temporal_basis : :mod:`reduce.basis` objects evaluated on the distance and lag
+        coordinates; ``Identity()`` for one weight per grid point, ``Constant()`` for a flat filter.
+    alpha : penalty strength; ``None`` chooses it by block cross-validation.
+    l1_ratio : share of the group-lasso part in the penalty (1: pure group lasso, 0: ridge).
+    n_alphas, alpha_min_ratio : the cross-validated path, log-spaced from α_max down to α_max × ratio.
+    cv : number of block-respecting folds.
+    alpha_rule : ``min`` (lowest held-out deviance) or ``1se`` (sparsest within one standard error).
+    nonlinearity : ``link`` (the GLM's) or ``empirical`` (monotone, fitted on the training drive).
+    tol, max_iter : solver tolerance (gradient mapping relative to the target's spread; for the
+        separable fit also the relative objective change that ends the alternation) and the
+        iteration cap per solve.
+    max_alternations : cap on the separable fit's alternating steps.
+    random_state : seed of the fold assignment.
+
+    Fitted attributes: ``filter_`` (group, distance, lag), ``spatial_filter_`` (group, distance),
+    ``temporal_filter_`` (group, lag; unit norm, Σ ≥ 0), ``separability_`` (group: share of the
+    filter's energy in its rank-1 part), ``history_filter_`` (history_lag, or None),
+    ``intercept_``, ``alpha_``, ``cv_results_`` (dict, or None when α was given),
+    ``nonlinearity_`` (knot: empirical rate against drive), ``converged_``, ``n_iter_`` (solver
+    iterations of the final fit along its warm-started path).
+    """
+
+    def __init__(
+        self,
+        family: str = "bernoulli",
+        structure: str = "separable",
+        spatial_basis: Basis = LogRaisedCosine(6),
+        temporal_basis: Basis = LogRaisedCosine(10),
+        alpha: float | None = None,
+        l1_ratio: float = 1.0,
+        n_alphas: int = 8,
+        alpha_min_ratio: float = 1e-3,
+        cv: int = 5,
+        alpha_rule: str = "min",
+        nonlinearity: str = "link",
+        tol: float = 1e-5,
+        max_iter: int = 5000,
+        max_alternations: int = 100,
+        random_state: int = 0,
+    ):
+        self.family = family
+        self.structure = structure
+        self.spatial_basis = spatial_basis
+        self.temporal_basis = temporal_basis
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.n_alphas = n_alphas
+        self.alpha_min_ratio = alpha_min_ratio
+        self.cv = cv
+        self.alpha_rule = alpha_rule
+        self.nonlinearity = nonlinearity
+        self.tol = tol
+        self.max_iter = max_iter
+        self.max_alternations = max_alternations
+        self.random_state = random_state
+
+    def fit(self, X, y=None) -> "ReducedModel":
+        """Fit on a dataset (``y`` defaults to ``X.target``) or on a 4-D inputs array and ``y``."""
+        family = _family(self.family)
+        _check_choice("structure", self.structure, STRUCTURES)
+        _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        _check_choice("alpha_rule", self.alpha_rule, ALPHA_RULES)
+        dataset = check_dataset(_dataset(X, y), self.family)
+        inputs, target = np.asarray(dataset["inputs"].values, dtype=float), np.asarray(dataset["target"].values, dtype=float)
+        spatial = _orthonormal(self.spatial_basis, dataset["distance"].values)
+        temporal = _orthonormal(self.temporal_basis, dataset["lag"].values)
+
+        input_mean = inputs.mean(axis=0)
+        features = _project(inputs, spatial, temporal)
+        features -= features.mean(axis=0)  # = the projection of the centred inputs, without copying them
+        history = np.asarray(dataset["history"].values, dtype=float) if "history" in dataset else np.zeros((len(target), 0))
+        history_mean = history.mean(axis=0)
+        problem = _FilterProblem(
+            features, history - history_mean, target, family, self.l1_ratio, temporal, self.structure == "separable",
+            tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations,
+        )
+        with _one_blas_thread():
+            state, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
+                problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state
+            )
+        filters = np.einsum("grs,dr,ls->gdl", state.filters, spatial, temporal)
+        intercept = state.intercept - float(np.sum(filters * input_mean)) - float(state.history @ history_mean)
+        self._set_filters(dataset, filters, state.history if "history" in dataset else None, intercept)
+        self.converged_ = bool(state.converged)
+        self.nonlinearity_ = _nonlinearity_array(*_empirical_nonlinearity(problem.drive(state), target))
+        _warn_if_not_converged(self, self.converged_)
+        return self
+
+    def _set_filters(self, dataset, filters, history_filter, intercept) -> None:
+        coords = {dim: dataset[dim].values for dim in INPUT_DIMS[1:]}
+        self.filter_ = xr.DataArray(np.ascontiguousarray(filters), dims=INPUT_DIMS[1:], coords=coords, name="filter")
+        spatial, temporal, separability = _rank_one(filters, np.eye(filters.shape[2]))
+        self.spatial_filter_ = xr.DataArray(spatial, dims=("group", "distance"), coords={k: coords[k] for k in ("group", "distance")}, name="spatial_filter")
+        self.temporal_filter_ = xr.DataArray(temporal, dims=("group", "lag"), coords={k: coords[k] for k in ("group", "lag")}, name="temporal_filter")
+        self.separability_ = xr.DataArray(separability, dims="group", coords={"group": coords["group"]}, name="separability")
+        self.history_filter_ = None
+        if history_filter is not None:
+            self.history_filter_ = xr.DataArray(history_filter, dims="history_lag", coords={"history_lag": dataset["history_lag"].values}, name="history_filter")
+        self.intercept_ = float(intercept)
+
+    def decision_function(self, X) -> np.ndarray:
+        """The drive (linear predictor) for each sample of a dataset or 4-D inputs array."""
+        check_is_fitted(self, "filter_")
+        dataset = check_dataset(_dataset(X), need_target=False)
+        drive = self.intercept_ + np.tensordot(_aligned(dataset["inputs"], self.filter_), self.filter_.values, axes=3)
+        if self.history_filter_ is not None:
+            if "history" not in dataset:
+                raise ReduceError("the model was fitted with a history filter; the data has no history", field="history")
+            drive = drive + _aligned(dataset["history"], self.history_filter_) @ self.history_filter_.values
+        return drive
+
+    def predict(self, X) -> np.ndarray:
+        """Expected target: the link's inverse of the drive, or the empirical nonlinearity."""
+        drive = self.decision_function(X)
+        if self.nonlinearity == "empirical":
+            return np.interp(drive, self.nonlinearity_["drive"].values, self.nonlinearity_.values)
+        return FAMILIES[self.family].mean(drive)
+
+    @available_if(_is_bernoulli)
+    def predict_proba(self, X) -> np.ndarray:
+        positive = self.predict(X)
+        return np.column_stack([1.0 - positive, positive])
+
+    def score(self, X, y=None) -> float:
+        """AUROC (bernoulli), R² (gaussian) or deviance explained (poisson)."""
+        dataset = _dataset(X, y)
+        return evaluate(self, dataset)[PRIMARY_METRIC[self.family]]
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_dataset(self) -> xr.Dataset:
+        """Filters as named arrays, cross-validation results, parameters and fit status as attrs."""
+        check_is_fitted(self, "filter_")
+        variables = [self.filter_, self.spatial_filter_, self.temporal_filter_, self.separability_, self.nonlinearity_]
+        if self.history_filter_ is not None:
+            variables.append(self.history_filter_)
+        dataset = xr.merge([v.to_dataset() for v in variables]).rename({"drive": "nonlinearity_drive"})
+        dataset["intercept"] = self.intercept_
+        if self.cv_results_ is not None:
+            cv = self.cv_results_
+            dataset["cv_deviance"] = xr.DataArray(cv["fold_deviance"], dims=("alpha", "fold"), coords={"alpha": cv["alphas"]})
+            dataset["cv_converged"] = xr.DataArray(cv["converged"].astype(np.int8), dims=("alpha", "fold"))
+        params = {k: (v.to_dict() if isinstance(v, Basis) else v) for k, v in self.get_params().items()}
+        dataset.attrs.update(
+            params=json.dumps(params), family=self.family, structure=self.structure, alpha=self.alpha_, converged=int(self.converged_), n_iter=int(self.n_iter_)
+        )
+        return dataset
+
+    def save(self, path) -> Path:
+        write_netcdf(self.to_dataset(), path)
+        return Path(path)
+
+    @classmethod
+    def from_dataset(cls, dataset: xr.Dataset) -> "ReducedModel":
+        params = json.loads(dataset.attrs["params"])
+        params = {k: (basis_from_dict(v) if k.endswith("_basis") else v) for k, v in params.items()}
+        model = cls(**params)
+        history = dataset["history_filter"].values if "history_filter" in dataset else None
+        model._set_filters(dataset, dataset["filter"].values, history, float(dataset["intercept"]))
+        model.alpha_, model.converged_, model.n_iter_ = float(dataset.attrs["alpha"]), bool(dataset.attrs["converged"]), int(dataset.attrs["n_iter"])
+        model.nonlinearity_ = _nonlinearity_array(dataset["nonlinearity_drive"].values, dataset["nonlinearity"].values)
+        model.cv_results_ = None
+        if "cv_deviance" in dataset:
+            model.cv_results_ = _cv_results(dataset["alpha"].values, dataset["cv_deviance"].values, dataset["cv_converged"].values.astype(bool))
+        return model
+
+    @classmethod
+    def load(cls, path) -> "ReducedModel":
+        with xr.open_dataset(path, engine="h5netcdf") as dataset:
+            return cls.from_dataset(dataset.load())
+
+
+# ----------------------------------------------------------------------------------------------
+# Honest evaluation: bootstrap intervals and the seed's ablated (control) models
+
+
+def _resample_blocks(blocks, rng) -> np.ndarray:
+    """Sample indices of a bootstrap draw: whole blocks drawn with replacement."""
+    names, codes = np.unique(blocks, return_inverse=True)
+    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
+    drawn = rng.integers(len(names), size=len(names))
+    return np.concatenate([members[i] for i in drawn])
+
+
+def bootstrap(model: ReducedModel, X: xr.Dataset, *, X_test: xr.Dataset | None = None, n: int = 100, seed: int = 0, level: float = 0.95) -> xr.Dataset:
+    """Percentile intervals (dim ``bound``: lower, upper) from ``n`` block-bootstrap refits.
+
+    Each draw refits ``model`` at its chosen ``alpha_`` on whole blocks of ``X`` drawn with
+    replacement (filters, intercept); with ``X_test``, each refit is also scored on a block
+    resample of ``X_test`` (held-out metrics), so metric intervals include both the estimation and
+    the test-set uncertainty. ``attrs["n_not_converged"]`` counts refits that did not converge.
+    """
+    check_is_fitted(model, "filter_")
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list] = {}
+    not_converged = 0
+    for _ in range(n):
+        refit = clone(model).set_params(alpha=model.alpha_)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            refit.fit(X.isel(sample=_resample_blocks(sample_blocks(X), rng)))
+        not_converged += not refit.converged_
+        fitted = {"filter": refit.filter_, "spatial_filter": refit.spatial_filter_, "temporal_filter": refit.temporal_filter_, "intercept": xr.DataArray(refit.intercept_)}
+        if refit.history_filter_ is not None:
+            fitted["history_filter"] = refit.history_filter_
+        if X_test is not None:
+            metrics = evaluate(refit, X_test.isel(sample=_resample_blocks(sample_blocks(X_test), rng)))
+            fitted.update({name: xr.DataArray(value) for name, value in metrics.items() if name != "n"})
+        for name, value in fitted.items():
+            draws.setdefault(name, []).append(value)
+    tails = [(1 - level) / 2, (1 + level) / 2]
+    intervals = {
+        name: xr.concat(values, dim="draw").quantile(tails, dim="draw", skipna=True).rename(quantile="bound").assign_coords(bound=["lower", "upper"])
+        for name, values in draws.items()
+    }
+    return xr.Dataset(intervals, attrs={"level": level, "n": n, "seed": seed, "n_not_converged": not_converged})
+
+
+def _without_history(dataset: xr.Dataset) -> xr.Dataset:
+    return dataset.drop_vars(["history", "history_lag"], errors="ignore")
+
+
+def _groups_merged(dataset: xr.Dataset) -> xr.Dataset:
+    merged = dataset["inputs"].sum("group").expand_dims(group=["all"], axis=1)
+    return dataset.drop_vars(["inputs", "group"]).assign(inputs=merged)
+
+
+def _unchanged(dataset: xr.Dataset) -> xr.Dataset:
+    return dataset
+
+
+# name → (parameter overrides, data transform): the seed's reduced models with one part removed.
+CONTROLS = {
+    "no_history": ({}, _without_history),
+    "no_spatial": ({"spatial_basis": Constant()}, _unchanged),
+    "no_temporal": ({"temporal_basis": Constant()}, _unchanged),
+    "no_sign": ({}, _groups_merged),
+}
+
+
+def fit_controls(model: ReducedModel, X_train: xr.Dataset, X_test: xr.Dataset) -> dict:
+    """Held-out metrics of the full model and of each control, and each control's drop.
+
+    Controls: ``no_history`` (history removed; skipped without history), ``no_spatial`` (flat over
+    distance), ``no_temporal`` (flat over lag), ``no_sign`` (groups merged into one). Each is a
+    clone of ``model`` (same settings, its own cross-validated α) fitted on ``X_train``. ``model``
+    is fitted on ``X_train`` first unless it already is. Returns ``{"metric", "full",
+    "controls": {name: {metrics..., "drop", "converged"}}}``; ``drop`` = full − control.
+    """
+    try:
+        check_is_fitted(model, "filter_")
+    except NotFittedError:
+        model = clone(model).fit(X_train)
+    metric = PRIMARY_METRIC[model.family]
+    full = evaluate(model, X_test)
+    controls = {}
+    for name, (params, transform) in CONTROLS.items():
+        if name == "no_history" and "history" not in X_train:
+            continue
+        control = clone(model).set_params(**params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            control.fit(transform(X_train))
+        scores = evaluate(control, transform(X_test))
+        controls[name] = {**scores, "drop": full[metric] - scores[metric], "converged": control.converged_}
+    return {"metric": metric, "full": full, "converged": model.converged_, "controls": controls}
+
+
+# ----------------------------------------------------------------------------------------------
+# The unit-level model
+
+
+_STATSMODELS_FAMILIES = {"bernoulli": "Binomial", "gaussian": "Gaussian", "poisson": "Poisson"}
+
+
+class UnitGLM(BaseEstimator):
+    """A sparse GLM over individual features (units × lags), with inference on the selected ones.
+
+    ``fit(X, y, blocks=None)``: ``X`` is a 2-D ``xr.DataArray`` (sample, feature) whose feature
+    coordinates (e.g. ``unit``, ``lag``) label the columns, or a plain array. The penalty is the
+    lasso on standardised columns (``group_by=None``) or the standardised group lasso over the
+    features sharing a value of the coordinate ``group_by`` (e.g. ``"unit"``: a unit enters with
+    all its lags or not at all), with an elastic-net ridge part for ``l1_ratio < 1``. α is chosen by
+    block cross-validation (``alpha_rule="1se"`` by default: the sparsest model within one
+    standard error of the best). The selected features are refitted without penalty by
+    statsmodels for standard errors and p-values (cluster-robust by block when blocks are given).
+    Those p-values condition on a selection made on the same data and are optimistic; refit on
+    fresh blocks for confirmatory inference.
+
+    Fitted: ``coef_`` (feature, original units), ``intercept_``, ``selected_`` (feature indices),
+    ``alpha_``, ``cv_results_``, ``converged_``, ``n_iter_``, ``refit_`` (statsmodels results).
+    Prediction uses the penalised coefficients.
+    """
+
+    def __init__(
+        self,
+        family: str = "bernoulli",
+        alpha: float | None = None,
+        l1_ratio: float = 1.0,
+        group_by: str | None = None,
+        n_alphas: int = 20,
+        alpha_min_ratio: float = 1e-2,
+        cv: int = 5,
+        alpha_rule: str = "1se",
+        tol: float = 1e-5,
+        max_iter: int = 5000,
+        random_state: int = 0,
+    ):
+        self.family = family
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.group_by = group_by
+        self.n_alphas = n_alphas
+        self.alpha_min_ratio = alpha_min_ratio
+        self.cv = cv
+        self.alpha_rule = alpha_rule
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _matrix(self, X) -> np.ndarray:
+        if isinstance(X, xr.DataArray):
+            if X.ndim != 2 or "sample" not in X.dims:
+                raise ReduceError(f"the design must have dims (sample, feature), got {X.dims}", field="features")
+            X = X.transpose("sample", ...)
+        values = np.asarray(X, dtype=float)
+        if values.ndim != 2:
+            raise ReduceError(f"the design must be 2-D (sample, feature), got shape {values.shape}", field="features")
+        if not np.all(np.isfinite(values)):
+            raise ReduceError("the design has NaN or infinite values", field="features")
+        return values
+
+    def fit(self, X, y, blocks=None) -> "UnitGLM":
+        import statsmodels.api as sm
+
+        family = _family(self.family)
+        _check_choice("alpha_rule", self.alpha_rule, ALPHA_RULES)
+        design = self._matrix(X)
+        target = np.asarray(y, dtype=float).ravel()
+        check_target(target, self.family)
+        if blocks is None and isinstance(X, xr.DataArray) and "block" in X.coords:
+            blocks = X["block"].values
+        self.features_ = self._feature_table(X, design.shape[1])
+        labels = np.arange(design.shape[1]) if self.group_by is None else pd.factorize(self.features_[self.group_by])[0]
+        mean = design.mean(axis=0)
+        problem = _LinearProblem.build(design - mean, target, family, labels, np.sqrt(np.bincount(labels)), self.l1_ratio, tol=self.tol, max_iter=self.max_iter)
+        fold_blocks = np.arange(len(target)) if blocks is None else np.asarray(blocks)
+        with _one_blas_thread():
+            solution, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
+                problem, fold_blocks, alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state
+            )
+        self.coef_ = problem.to_original(solution.coef)
+        self.intercept_ = float(solution.intercept - self.coef_ @ mean)
+        self.selected_ = np.flatnonzero(self.coef_)
+        self.converged_ = bool(solution.converged)
+        _warn_if_not_converged(self, self.converged_)
+
+        sm_family = getattr(sm.families, _STATSMODELS_FAMILIES[self.family])()
+        exog = sm.add_constant(design[:, self.selected_], has_constant="add")
+        if blocks is None:
+            self.refit_ = sm.GLM(target, exog, family=sm_family).fit()
+        else:
+            codes = pd.factorize(np.asarray(blocks))[0]
+            self.refit_ = sm.GLM(target, exog, family=sm_family).fit(cov_type="cluster", cov_kwds={"groups": codes})
+        return self
+
+    @staticmethod
+    def _feature_table(X, n_features) -> pd.DataFrame:
+        """One row per feature: its coordinates along the feature dim (or just its index)."""
+        if isinstance(X, xr.DataArray):
+            feature_dim = next(dim for dim in X.dims if dim != "sample")
+            columns = {name: coord.values for name, coord in X.coords.items() if coord.dims == (feature_dim,)}
+            if columns:
+                return pd.DataFrame(columns)
+        return pd.DataFrame({"feature": np.arange(n_features)})
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        return self.intercept_ + self._matrix(X) @ self.coef_
+
+    def predict(self, X) -> np.ndarray:
+        return FAMILIES[self.family].mean(self.decision_function(X))
+
+    @available_if(_is_bernoulli)
+    def predict_proba(self, X) -> np.ndarray:
+        positive = self.predict(X)
+        return np.column_stack([1.0 - positive, positive])
+
+    def score(self, X, y) -> float:
+        return evaluate(self, X, y)[PRIMARY_METRIC[self.family]]
+
+    def summary_frame(self) -> pd.DataFrame:
+        """The unpenalised refit of the selected features: one row per term (``intercept`` first)
+        with the feature's coordinates, coef, std_err, z, p_value, ci_lower, ci_upper and the
+        penalised coefficient."""
+        check_is_fitted(self, "refit_")
+        interval = np.asarray(self.refit_.conf_int())
+        terms = pd.concat([pd.DataFrame({c: [None] for c in self.features_.columns}), self.features_.iloc[self.selected_]], ignore_index=True)
+        labels = ["intercept"] + [",".join(f"{k}={v}" for k, v in row.items()) for _, row in self.features_.iloc[self.selected_].iterrows()]
+        frame = terms.assign(
+            coef=np.asarray(self.refit_.params),
+            std_err=np.asarray(self.refit_.bse),
+            z=np.asarray(self.refit_.tvalues),
+            p_value=np.asarray(self.refit_.pvalues),
+            ci_lower=interval[:, 0],
+            ci_upper=interval[:, 1],
+            penalized_coef=np.concatenate([[self.intercept_], self.coef_[self.selected_]]),
+        )
+        frame.index = pd.Index(labels, name="term")
+        return frame
