@@ -51,19 +51,32 @@ def hooked(model, *, record=(), interventions=None, retain_grad=False):
     recorded: dict[str, torch.Tensor] = {}
     wanted = {site.name for site in record}
     handles = []
+    # Some families (OPT) flatten (batch, pos) inside a layer; each layer's input gives the
+    # leading shape back, so every site tensor is (batch, pos, units) as documented.
+    leading: dict[int, torch.Size] = {}
+    for layer in {site.layer for site in {*record, *interventions}}:
+
+        def remember(module, args, kwargs, layer=layer):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            leading[layer] = hidden.shape[:-1]
+
+        handles.append(model.layer(layer).register_forward_pre_hook(remember, with_kwargs=True))
     for site in {*record, *interventions}:
         module, where = _site_hook(model, site)
         intervention = interventions.get(site)
         keep = site.name in wanted
 
-        def transform(x, intervention=intervention, keep=keep, name=site.name):
+        def transform(x, intervention=intervention, keep=keep, name=site.name, layer=site.layer):
+            flat_shape = x.shape if x.ndim == 2 else None
+            if flat_shape is not None:
+                x = x.view(*leading[layer], -1)
             if intervention is not None:
                 x = intervention.apply(x)
             if keep:
                 if retain_grad and x.requires_grad:
                     x.retain_grad()
                 recorded[name] = x if retain_grad else x.detach()
-            return x
+            return x if flat_shape is None else x.reshape(flat_shape)
 
         if where == "pre":
 

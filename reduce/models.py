@@ -126,7 +126,27 @@ def resolve_model_path(name: str, *, source=None, field="model.name") -> tuple[s
         if not path.is_dir():
             raise ReduceError(f"local model folder {str(path)!r} does not exist", file=source, field=field)
         return str(path), True
+    _require_hub(name, source=source, field=field)
     return name, False
+
+
+def _require_hub(repo_id: str, *, source=None, field="model.name") -> None:
+    """Fail at once, in one line, when a hub model is neither cached nor downloadable.
+
+    (Left to itself, the download retries for half a minute and logs every attempt.)
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    advice = f"download it where the hub is reachable (hf download {repo_id}) or name a local folder"
+    if constants.HF_HUB_OFFLINE:
+        raise ReduceError(f"hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set; {advice}", file=source, field=field)
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as exc:  # any transport failure means the same thing here
+        raise ReduceError(f"hub model {repo_id!r} is not in the local cache and {constants.ENDPOINT} cannot be reached ({type(exc).__name__}); {advice}", file=source, field=field) from None
 
 
 def load_model(

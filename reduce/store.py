@@ -24,19 +24,26 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _remove(temporary)
+    remove_path(temporary)
     try:
         yield temporary
-        if path.is_dir() and temporary.is_dir():
-            # Directories cannot be replaced in one rename: move the old one aside first.
-            aside = path.with_name(f".{path.name}.{os.getpid()}.old")
-            os.replace(path, aside)
-            os.replace(temporary, path)
-            _remove(aside)
-        else:
-            os.replace(temporary, path)
+        replace_path(temporary, path)
     finally:
-        _remove(temporary)
+        remove_path(temporary)
+
+
+def replace_path(temporary, path) -> None:
+    """Move a finished ``temporary`` file or directory onto ``path``, replacing what is there."""
+    temporary, path = Path(temporary), Path(path)
+    if path.is_dir() and temporary.is_dir():
+        # Directories cannot be replaced in one rename: move the old one aside first.
+        aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+        remove_path(aside)
+        os.replace(path, aside)
+        os.replace(temporary, path)
+        remove_path(aside)
+    else:
+        os.replace(temporary, path)
 
 
 @contextmanager
@@ -65,32 +72,41 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_HELD: dict[Path, list] = {}  # run directory -> [locked file, depth] held by this process
+
+
 class RunDir:
     """A run directory held by one process at a time (an advisory lock on ``.lock``)."""
 
     def __init__(self, path):
         self.path = Path(path)
-        self._lock = None
 
     def __truediv__(self, name) -> Path:
         return self.path / name
 
     def __enter__(self) -> "RunDir":
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".lock", "a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise ReduceError("another reduce process is using this run directory; wait for it or choose another --out", file=self.path, field="lock") from None
+        key = self.path.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            handle = open(self.path / ".lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise ReduceError("another reduce process is using this run directory; wait for it or choose another --out", file=self.path, field="lock") from None
+            held = _HELD[key] = [handle, 0]
+        held[1] += 1  # a stage called inside the pipeline re-enters the lock this process holds
+        self._key = key
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+        held = _HELD[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            held[0].close()
+            del _HELD[self._key]
 
     def _stages(self) -> dict:
         path = self.path / "stages.json"
@@ -111,7 +127,7 @@ class RunDir:
             write_json(self.path / "stages.json", stages)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():

@@ -32,7 +32,8 @@ def test_recorded_mlp_equals_hand_computation_and_outputs_unchanged(family):
             handle.remove()
     assert torch.equal(plain, hooked_out), "recording must leave outputs bit-identical"
     by_hand = activation(*(captured[name] for name in in_projections))
-    torch.testing.assert_close(recorded["blocks.1.mlp.hook_post"], by_hand, rtol=1e-5, atol=1e-6)
+    # (OPT computes its MLP on flattened (batch * pos) rows; sites are always (batch, pos, units).)
+    torch.testing.assert_close(recorded["blocks.1.mlp.hook_post"], by_hand.reshape(recorded["blocks.1.mlp.hook_post"].shape), rtol=1e-5, atol=1e-6)
     assert recorded["blocks.1.mlp.hook_post"].shape[-1] == model.d_mlp
     assert recorded["blocks.0.attn.hook_z"].shape[-1] == model.n_heads * model.d_head
     torch.testing.assert_close(recorded["blocks.0.hook_resid_post"], recorded["blocks.1.hook_resid_pre"])

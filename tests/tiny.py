@@ -46,3 +46,33 @@ def tiny_inputs(model, batch: int = 3, length: int = 7, seed: int = 0) -> dict:
         return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
     ids = torch.randint(2, 100, (batch, length), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# A word-level vocabulary small enough for the tiny configs (vocab_size=100). Ids 0 and 1 are the
+# end-of-text and padding tokens the configs name (RoBERTa and OPT compute positions from pad id 1).
+TINY_WORDS = (
+    ["[EOS]", "[PAD]", "[UNK]", "[MASK]", "."]
+    + "the a key keys cabinet cabinets table tables dog dogs cat cats box boxes man men near on by of with".split()
+    + "is are was were sits sit runs run red big old new small and".split()
+)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", mask_token="[MASK]")
+
+
+def tiny_text_model(family: str, seed: int = 0):
+    """A tiny model of a token family with the word-level tokenizer, in memory."""
+    return from_module(tiny_model(family, seed).module, tokenizer=tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def tiny_folder(family: str, folder, seed: int = 0):
+    """Save a tiny model of ``family`` with a word-level tokenizer, loadable by ``load_model(folder)``."""
+    model = tiny_model(family, seed)
+    model.module.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,169 @@
+"""The ``reduce`` command line: one small function per subcommand, each a call into the Python API.
+
+To add a subcommand, decorate a function taking the parsed arguments::
+
+    @command("fit", "fit the reduced model of a recorded run", argument("run_dir"), *MODEL_OPTIONS)
+    def fit_command(args):
+        ...
+
+Every :class:`~reduce.errors.ReduceError` becomes one line on stderr and exit status 2; any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import ReduceError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: tuple[tuple[tuple[str, ...], dict], ...]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def argument(*flags: str, **options) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call, as data."""
+    return flags, options
+
+
+def command(name: str, help: str, *arguments):
+    """Register the decorated function as subcommand ``name``."""
+
+    def register(function):
+        COMMANDS[name] = Command(name, help, arguments, function)
+        return function
+
+    return register
+
+
+CONDITION = argument("condition", metavar="COND.toml", help="condition file")
+MODEL_OPTIONS = (
+    argument("--device", help="override model.device (e.g. cpu, cuda, cuda:1)"),
+    argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), help="override model.dtype"),
+)
+
+
+def _condition(args):
+    from .condition import load_condition
+
+    return load_condition(args.condition).with_overrides(device=args.device, dtype=args.dtype)
+
+
+@command("check", "validate a condition and show what it resolves to (loads the model)", CONDITION, *MODEL_OPTIONS)
+def check_command(args) -> None:
+    from .condition import resolve
+
+    print(describe(resolve(_condition(args))))
+
+
+def describe(resolved) -> str:
+    """What a resolved condition amounts to: model, prompts, target, sites and units."""
+    condition, model, prompts = resolved.condition, resolved.model, resolved.prompts
+    position = condition.target.position
+    units = sum(model.n_units(site) for site in resolved.unit_sites)
+    dtype = str(next(model.module.parameters()).dtype).removeprefix("torch.")
+    few = lambda values: ", ".join(sorted(set(values))[:6]) + (", ..." if len(set(values)) > 6 else "")  # noqa: E731
+    lines = [
+        f"condition  {condition.name} ({condition.path})",
+        f"model      {model.name}: {model.arch.family}, {model.n_layers} layers, d_model {model.d_model}, "
+        f"{model.d_mlp} MLP neurons and {model.n_heads} heads x {model.d_head} per layer; {dtype} on {model.device}",
+        f"prompts    {len(prompts)}, {int(prompts.lengths.min())}-{int(prompts.lengths.max())} tokens; first: {prompts.texts[0]!r}",
+    ]
+    if prompts.answers is not None:
+        lines.append(f"answers    {few(prompts.answers)}" + (f" | wrong: {few(prompts.wrongs)}" if prompts.wrongs else ""))
+    lines += [
+        f"target     {resolved.target.name} " + ("at every position" if position == "all" else f"at position {position}"),
+        f"sites      {len(resolved.sites)}: {_site_summary(resolved.sites)}",
+        f"units      {units} in the unit table; {condition.record.bins} histogram bins, batch size {condition.record.batch_size}",
+    ]
+    lines += [f"label      {name}: {few(values)}" for name, values in prompts.labels.items()]
+    return "\n".join(lines)
+
+
+def _site_summary(sites) -> str:
+    by_kind: dict[str, list[int]] = {}
+    for site in sites:
+        by_kind.setdefault(site.name.split(".", 2)[2], []).append(site.layer)
+    return ", ".join(f"blocks.{{{_ranges(layers)}}}.{suffix}" for suffix, layers in by_kind.items())
+
+
+def _ranges(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 else ",".join(map(str, layers))
+
+
+@command(
+    "record",
+    "record activations, the target and unit statistics of a condition into a run directory",
+    CONDITION,
+    argument("--out", required=True, metavar="RUN_DIR", help="run directory"),
+    *MODEL_OPTIONS,
+)
+def record_command(args) -> None:
+    from .record import ACTIVATIONS, STATS, record
+
+    dataset = record(_condition(args), args.out, progress=not args.quiet)
+    print(f"recorded {dataset.sizes['prompt']} prompts: {os.path.join(args.out, ACTIVATIONS)}, {os.path.join(args.out, STATS)}")
+
+
+@command(
+    "inspect",
+    "a unit's top activations and histogram (--site, --unit), or units ranked by selectivity for a label (--rank)",
+    argument("run_dir", metavar="RUN_DIR"),
+    argument("--site", help="site name, e.g. blocks.3.mlp.hook_post"),
+    argument("--unit", type=int, help="flat unit index within the site"),
+    argument("--top", type=int, default=20, help="rows to show (default 20)"),
+    argument("--rank", metavar="LABEL", help="rank units by selectivity between two values of this prompt label"),
+    argument("--values", nargs=2, metavar=("A", "B"), help="the two label values to compare (default: the label's two values)"),
+    argument("--sites", default="*", metavar="PATTERN", help="with --rank: glob of sites to rank (default all)"),
+)
+def inspect_command(args) -> None:
+    from .inspect import format_selectivity, inspect_unit, rank_selectivity
+
+    if args.rank:
+        table = rank_selectivity(args.run_dir, args.rank, args.sites, values=tuple(args.values) if args.values else None)
+        print(format_selectivity(table, args.top), end="")
+        return
+    if args.site is None or args.unit is None:
+        raise ReduceError("give --site and --unit (or --rank LABEL)", field="--site" if args.site is None else "--unit")
+    report = inspect_unit(args.run_dir, args.site, args.unit, top=args.top)
+    print(report.text, end="")
+    print("saved " + ", ".join(str(path) for path in report.files))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(prog="reduce", description="Reduced models of transformer units.")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, spec in COMMANDS.items():
+        sub = subcommands.add_parser(name, help=spec.help, description=spec.help, parents=[common])
+        for flags, options in spec.arguments:
+            sub.add_argument(*flags, **options)
+        sub.set_defaults(run=spec.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    # Our own progress bars say what is happening; the libraries' would interleave with them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ReduceError as error:
+        print(f"reduce {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reduce {args.command}: interrupted", file=sys.stderr)
+        return 130
