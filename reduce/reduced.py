@@ -499,8 +499,8 @@ def _choose_alpha(cv_results: dict, rule: str) -> float:
     return float(alphas[np.flatnonzero(mean <= limit)].max())
 
 
-def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_min_ratio, cv, alpha_rule, seed):
-    """Choose α by block cross-validation unless given; refit along the path down to it."""
+def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_min_ratio, cv, alpha_rule, seed, start=None):
+    """Choose α by block cross-validation unless given; refit along the path down to it (from ``start``)."""
     cv_results = None
     if alpha is None:
         top = problem.alpha_max()
@@ -510,7 +510,7 @@ def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_
         path = alphas[alphas >= alpha]
     else:
         path = [float(alpha)]
-    state, n_iter = None, 0
+    state, n_iter = start, 0
     for step in path:
         state = problem.fit(step, state)
         n_iter += state.n_iter
@@ -722,6 +722,8 @@ class ReducedModel(BaseEstimator):
         iteration cap per solve.
     max_alternations : cap on the separable fit's alternating steps.
     random_state : seed of the fold assignment.
+    warm_start : refit from the previous fit's filters (as scikit-learn's ``warm_start``); the
+        bootstrap refits this way, which cuts the separable fit's alternations several-fold.
 
     Fitted attributes: ``filter_`` (group, distance, lag), ``spatial_filter_`` (group, distance),
     ``temporal_filter_`` (group, lag; unit norm, Σ ≥ 0), ``separability_`` (group: share of the
@@ -748,6 +750,7 @@ class ReducedModel(BaseEstimator):
         max_iter: int = 5000,
         max_alternations: int = 100,
         random_state: int = 0,
+        warm_start: bool = False,
     ):
         self.family = family
         self.structure = structure
@@ -764,6 +767,7 @@ class ReducedModel(BaseEstimator):
         self.max_iter = max_iter
         self.max_alternations = max_alternations
         self.random_state = random_state
+        self.warm_start = warm_start
 
     def fit(self, X, y=None) -> "ReducedModel":
         """Fit on a dataset (``y`` defaults to ``X.target``) or on a 4-D inputs array and ``y``."""
@@ -787,8 +791,10 @@ class ReducedModel(BaseEstimator):
         )
         with _one_blas_thread():
             state, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
-                problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state
+                problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state,
+                start=getattr(self, "_state", None) if self.warm_start else None,
             )
+        self._state = state
         filters = np.einsum("grs,dr,ls->gdl", state.filters, spatial, temporal)
         intercept = state.intercept - float(np.sum(filters * input_mean)) - float(state.history @ history_mean)
         self._set_filters(dataset, filters, state.history if "history" in dataset else None, intercept)
@@ -906,7 +912,8 @@ def bootstrap(model: ReducedModel, X: xr.Dataset, *, X_test: xr.Dataset | None =
     draws: dict[str, list] = {}
     not_converged = 0
     for _ in range(n):
-        refit = clone(model).set_params(alpha=model.alpha_)
+        refit = clone(model).set_params(alpha=model.alpha_, warm_start=True)
+        refit._state = model._state
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             refit.fit(X.isel(sample=_resample_blocks(sample_blocks(X), rng)))

@@ -77,28 +77,3 @@ def resolve_sites(patterns, n_layers: int, *, source=None, field="record.sites")
     order = {kind: i for i, kind in enumerate(["resid_pre", "attn", "mlp", "resid_post"])}
     return sorted(chosen.values(), key=lambda s: (s.layer, order[s.kind]))
 
-
-def unit_table(sites, unit_counts) -> "xr.Dataset":
-    """The flat table of units over ``sites`` (in order): coords ``site``, ``layer``, ``kind``, ``index``.
-
-    ``unit_counts`` maps site name to the number of units (attention z flattened as
-    head·d_head + i). Global unit ``i`` of stats, ablations and features is row ``i``.
-    """
-    import numpy as np
-    import xarray as xr
-
-    names, layers, kinds, indices = [], [], [], []
-    for site in sites:
-        count = unit_counts[site.name]
-        names += [site.name] * count
-        layers += [site.layer] * count
-        kinds += [site.kind] * count
-        indices.append(np.arange(count))
-    return xr.Dataset(
-        coords={
-            "site": ("unit", np.array(names, dtype=str)),
-            "layer": ("unit", np.array(layers, dtype=np.int64)),
-            "kind": ("unit", np.array(kinds, dtype=str)),
-            "index": ("unit", np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)),
-        }
-    )
