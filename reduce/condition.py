@@ -29,7 +29,8 @@ from .sites import Site, all_site_names
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TARGET_KINDS = ("neuron", "logit", "logit_diff")
-BASELINES = ("zero", "mean", "peak", "resample_tokens", "resample_counterfactual")
+BASELINES = ("zero", "mean", "peak", "peak_naive", "resample_characters", "resample_tokens", "resample_generated", "resample_counterfactual")
+DEFAULT_BASELINES = ("zero", "mean", "peak", "resample_tokens", "resample_counterfactual")
 PLANS = ("random", "groups", "single", "circuit")
 FAMILIES = ("bernoulli", "gaussian", "poisson")
 # Names the recorded dataset already uses for its own coordinates and variables.
@@ -84,7 +85,7 @@ class RecordSpec:
 
 @dataclass(frozen=True)
 class AblationSpec:
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
     peak: str = "refined"
     plans: tuple[str, ...] = PLANS
     fractions: tuple[float, ...] = tuple(i / 10 for i in range(11))

@@ -83,6 +83,7 @@ class BatchArrays:
     start: int
     stop: int
     real: np.ndarray  # (batch, pos) bool
+    counted: np.ndarray  # (batch, pos) bool: real tokens that enter the statistics
     sites: dict[str, np.ndarray]
     target: np.ndarray
 
@@ -102,9 +103,10 @@ class BatchActivations:
     def real(self) -> torch.Tensor:
         return self.batch.attention_mask.bool()
 
-    def to_numpy(self, dtype=np.float32) -> BatchArrays:
+    def to_numpy(self, dtype=np.float32, special_ids=()) -> BatchArrays:
         """The batch's one copy off the device (and out of the model's tensors), padding set to NaN."""
         real = self.real.cpu().numpy()
+        counted = counted_tokens(self.batch.input_ids.cpu().numpy(), real, special_ids)
         as_dtype = torch.float64 if dtype == np.float64 else torch.float32
         arrays = {}
         for name, values in self.sites.items():
@@ -112,7 +114,7 @@ class BatchActivations:
             arrays[name][~real] = np.nan
         target = self.target.to(device="cpu", dtype=torch.float64, copy=True).numpy()
         target[~real] = np.nan
-        return BatchArrays(self.index, self.start, self.stop, real, arrays, target)
+        return BatchArrays(self.index, self.start, self.stop, real, counted, arrays, target)
 
 
 class Recording:
@@ -188,7 +190,7 @@ def _write_recording(resolved: Resolved, run_dir: Path, key: str, progress: bool
         with contextlib.closing(recording.forwards(todo, progress=progress)) as batches:
             for activations in batches:
                 _check_finite(activations, resolved)
-                writer.submit(activations.to_numpy(dtype))
+                writer.submit(activations.to_numpy(dtype, special_ids(model)))
     _write_stats(stats, resolved, run_dir / STATS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes that consolidated metadata is not in the v3 spec
@@ -236,18 +238,33 @@ class _BatchWriter:
 
 
 def _accumulate(stats: dict[str, RunningStats], arrays: BatchArrays) -> None:
-    """Add a batch's real (non-padding) tokens to the statistics of its unit sites."""
+    """Add a batch's counted tokens (real, not special) to the statistics of its unit sites."""
     for name, accumulator in stats.items():
         values = arrays.sites[name]
-        accumulator.update(torch.from_numpy(values.reshape(*values.shape[:2], -1)[arrays.real]))
+        accumulator.update(torch.from_numpy(values.reshape(*values.shape[:2], -1)[arrays.counted]))
 
 
 def _stored_batch(group, recording: "Recording", index: int, sites) -> BatchArrays:
     """A batch an earlier, interrupted run already stored (its statistics are rebuilt from it)."""
     start, stop = recording.bounds(index)
     real = recording.encoded.attention_mask[start:stop].bool().numpy()
+    counted = counted_tokens(recording.encoded.input_ids[start:stop].numpy(), real, special_ids(recording.model))
+    width = group["target"].shape[1]
     arrays = {name: np.asarray(group[name][start:stop]) for name in sites}
-    return BatchArrays(index, start, stop, real, arrays, np.asarray(group["target"][start:stop]))
+    return BatchArrays(index, start, stop, real[:, :width], counted[:, :width], arrays, np.asarray(group["target"][start:stop]))
+
+
+def special_ids(model) -> list[int]:
+    return list(getattr(model.tokenizer, "all_special_ids", None) or [])
+
+
+def counted_tokens(input_ids: np.ndarray, real: np.ndarray, special: list[int]) -> np.ndarray:
+    """Real tokens that are not special (BOS/CLS/SEP/pad).
+
+    A special token's activations repeat one context-free value in every prompt; counted, that
+    spike would win the histogram and make the peak baseline the BOS activation.
+    """
+    return real & ~np.isin(input_ids, special)
 
 
 def _finished_batches(manifest_path: Path, key: str) -> set[int] | None:

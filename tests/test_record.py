@@ -158,4 +158,5 @@ def test_minilm_example_condition(tmp_path):
     np.testing.assert_array_equal(dataset.target.values, neuron.astype(np.float64))
     assert dataset.target_mask.values[:, 2].all() and dataset.target_mask.values.sum() == 12
     stats = xr.load_dataset(tmp_path / "run" / "stats.nc")
-    assert stats.sizes["unit"] == 1536 + 384 and int(stats["count"][0]) == int(dataset.length.sum())
+    # Statistics skip [CLS] and [SEP]: two special tokens per prompt.
+    assert stats.sizes["unit"] == 1536 + 384 and int(stats["count"][0]) == int(dataset.length.sum()) - 2 * 12
