@@ -141,6 +141,95 @@ def inspect_command(args) -> None:
     print("saved " + ", ".join(str(path) for path in report.files))
 
 
+OUT = argument("--out", required=True, metavar="RUN_DIR", help="run directory")
+
+
+@command("ablate", "run the condition's ablation plans under every baseline into RUN_DIR/ablations.zarr", CONDITION, OUT, *MODEL_OPTIONS)
+def ablate_command(args) -> None:
+    from .ablate import ABLATIONS, ablate
+
+    dataset = ablate(_condition(args), args.out, progress=not args.quiet)
+    print(f"{dataset.sizes['ablation']} ablations: {os.path.join(args.out, ABLATIONS)}")
+
+
+@command("fit", "fit the grouped reduced model and the unit-level circuit (records first if needed)", CONDITION, OUT, *MODEL_OPTIONS)
+def fit_command(args) -> None:
+    from .fit import fit
+
+    summary = fit(_condition(args), args.out, progress=not args.quiet)
+    print(_fit_line(summary))
+
+
+def _fit_line(summary: dict) -> str:
+    metric = summary["metric"]
+    if not summary["converged"]:
+        return f"{summary['target']}: the reduced model did not converge; no metrics reported"
+    value, (low, high) = summary["held_out"][metric], summary["interval"][metric] if summary["interval"] else (float("nan"),) * 2
+    drops = ", ".join(f"{name} -{c['drop']:.3f}" for name, c in summary["controls"].items())
+    return f"{summary['target']}: held-out {metric} {value:.3f} [{low:.3f}, {high:.3f}]; control drops: {drops}; circuit: {summary['circuit']['selected_units']} units"
+
+
+@command(
+    "fit-arrays",
+    "fit a reduced model to array data that is not a transformer (netCDF/zarr with inputs, target, history, block)",
+    argument("data", metavar="DATA", help="netCDF or zarr dataset"),
+    argument("--family", required=True, choices=("bernoulli", "binomial", "gaussian", "poisson")),
+    argument("--out", required=True, metavar="DIR"),
+    argument("--test-fraction", type=float, default=0.2),
+    argument("--seed", type=int, default=0),
+    argument("--bootstrap", type=int, default=50, help="bootstrap refits for confidence intervals"),
+)
+def fit_arrays_command(args) -> None:
+    from .fit_arrays import fit_arrays
+
+    family = "bernoulli" if args.family == "binomial" else args.family
+    summary = fit_arrays(args.data, family, args.out, test_fraction=args.test_fraction, seed=args.seed, n_bootstrap=args.bootstrap)
+    held_out = {k: v for k, v in summary.items() if k.startswith("test_")}
+    print(f"{args.out}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in held_out.items()))
+
+
+@command("validate", "predicted vs actual target under every baseline's ablations (fits first if needed)", CONDITION, OUT, *MODEL_OPTIONS)
+def validate_command(args) -> None:
+    from .validate import validate
+
+    summary = validate(_condition(args), args.out, progress=not args.quiet)
+    for baseline, scores in summary["baselines"].items():
+        print(f"{baseline:26s} direct ρ {_fmt(scores['direct_spearman'])}  propagated ρ {_fmt(scores['propagated_spearman'])}  attribution ρ {_fmt(scores['attribution_spearman'])}")
+    print(f"most faithful baseline: {summary['most_faithful_baseline']}")
+
+
+def _fmt(value) -> str:
+    return "  n/a" if value is None else f"{value:5.2f}"
+
+
+@command(
+    "run",
+    "the whole pipeline (record, ablate, fit, validate, report), resumable; no condition: the bundled default",
+    argument("condition", nargs="?", metavar="COND.toml", help="condition file (default: the bundled SVA condition)"),
+    argument("--out", metavar="RUN_DIR", help="run directory (default runs/<condition name>)"),
+    argument("--force", action="store_true", help="redo every stage"),
+    *MODEL_OPTIONS,
+)
+def run_command(args) -> None:
+    from .condition import load_condition
+    from .pipeline import DEFAULT_CONDITION, run
+
+    condition = load_condition(args.condition or DEFAULT_CONDITION).with_overrides(device=args.device, dtype=args.dtype)
+    run(condition, args.out, force=args.force, progress=not args.quiet)
+
+
+@command("zoo", "the bundled zoo: `reduce zoo list`, or `reduce zoo train NAME [--out DIR]`", argument("action", choices=("list", "train")), argument("name", nargs="?"), argument("--out", metavar="DIR"))
+def zoo_command(args) -> None:
+    from .zoo import format_zoo_table, train
+
+    if args.action == "list":
+        print(format_zoo_table(), end="")
+        return
+    if not args.name:
+        raise ReduceError("name the zoo model to train (see `reduce zoo list`)", field="NAME")
+    print(f"trained {args.name}: {train(args.name, out_dir=args.out, progress=not args.quiet)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -112,6 +112,10 @@ class RunDir:
         path = self.path / "stages.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
+    def stage_key(self, stage: str) -> str | None:
+        """The fingerprint ``stage`` last finished with, or None."""
+        return self._stages().get(stage)
+
     def is_done(self, stage: str, key: str, outputs=()) -> bool:
         """True when ``stage`` finished with fingerprint ``key`` and its outputs still exist."""
         return self._stages().get(stage) == key and all((self.path / o).exists() for o in outputs)
