@@ -593,8 +593,9 @@ def ablate(condition, run_dir, *, model=None, record_sites_for: Sequence[str] = 
         raise ReduceError(f"record_sites_for names unknown plans {', '.join(sorted(unknown))}; plans are {', '.join(PLAN_LABELS)}", field="record_sites_for")
     condition = condition if isinstance(condition, Condition) else load_condition(condition)
     resolved = resolve(condition, model)
-    key = fingerprint(condition.fingerprint("model", "prompts", "target", "record", "ablation"), sorted(record_sites_for))
     with RunDir(run_dir) as run:
+        # Chained to the recording's key: new weights or prompts redo the ablations too.
+        key = fingerprint(condition.fingerprint("ablation"), run.stage_key("record"), resolved.model.weights_fingerprint(), sorted(record_sites_for))
         if not run.is_done(STAGE, key, outputs=(ABLATIONS, ATTRIBUTION)):
             run.forget(STAGE)
             _write_ablations(resolved, run.path, key, tuple(record_sites_for), progress)

@@ -28,7 +28,7 @@ from .features import GroupedFeatures, covariance_by_lag
 from .progress import progress_bar
 from .record import record
 from .reduced import PRIMARY_METRIC, ReducedModel, UnitGLM, bootstrap, evaluate, fit_controls, split_by_block
-from .store import RunDir, write_json, write_netcdf
+from .store import RunDir, fingerprint, write_json, write_netcdf
 
 STAGE = "fit"
 OUTPUTS = ("feature_map.nc", "reduced.nc", "circuit.nc", "fit.json")
@@ -41,12 +41,12 @@ def fit(condition, run_dir, *, model=None, progress: bool = True) -> dict:
     """
     condition = condition if isinstance(condition, Condition) else load_condition(condition)
     run_dir = Path(run_dir)
-    key = condition.fingerprint("model", "prompts", "target", "record", "fit") + f"-seed{condition.seed}"
     with RunDir(run_dir) as run:
-        if run.is_done(STAGE, key, outputs=OUTPUTS):
-            return json.loads((run_dir / "fit.json").read_text())
         model = open_model(condition) if model is None else model
         activations = record(condition, run_dir, model=model, progress=progress)
+        key = fingerprint(condition.fingerprint("fit"), condition.seed, run.stage_key("record"))  # chained: a new recording refits
+        if run.is_done(STAGE, key, outputs=OUTPUTS):
+            return json.loads((run_dir / "fit.json").read_text())
         run.forget(STAGE)
         summary = _fit(resolve(condition, model), activations, xr.load_dataset(run_dir / "stats.nc", engine="h5netcdf"), run_dir, progress)
         run.mark_done(STAGE, key)

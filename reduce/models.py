@@ -9,6 +9,7 @@ adapter, so the rest of ``reduce`` never branches on the family.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -84,6 +85,29 @@ class LoadedModel:
     @property
     def unembed(self) -> torch.nn.Module | None:
         return self.module.get_output_embeddings()
+
+    def weights_fingerprint(self) -> str:
+        """Identifies the weights, so a run directory made with other weights is never reused.
+
+        Files of a folder are hashed whole (the zoo's are a few MB); weights larger than
+        256 MB are named by size and modification time instead, to keep this instant.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        files = sorted(Path(self.path).glob("*.safetensors")) + sorted(Path(self.path).glob("*.bin")) if self.path else []
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}".encode())
+            if stat.st_size <= 256 * 2**20:
+                digest.update(file.read_bytes())
+            else:
+                digest.update(str(stat.st_mtime_ns).encode())
+        if not files:  # an in-memory module
+            for name, tensor in sorted(self.module.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def site_names(self) -> list[str]:
         return all_site_names(self.n_layers)
@@ -182,9 +206,12 @@ def load_model(
             config=config,
             dtype=DTYPES[dtype],
             use_safetensors=None if allow_pickle else True,
+            weights_only=True,  # pickled weights may hold tensors only, never code
             device_map=device_map,
             **common,
         )
+    except pickle.UnpicklingError as exc:
+        raise ReduceError(f"refused to load the pickled weights of {path!r}: they hold more than tensors (weights_only loading)", file=source, field="model.name") from exc
     except (OSError, ValueError) as exc:
         raise ReduceError(f"cannot load weights of {path!r}: {str(exc).splitlines()[0]}", file=source, field="model.name") from exc
     if device_map is None:

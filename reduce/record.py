@@ -38,7 +38,7 @@ from .errors import ReduceError
 from .hooks import hooked
 from .progress import progress_bar
 from .stats import RunningStats
-from .store import RunDir, atomic_write, remove_path, replace_path, write_json, write_netcdf
+from .store import RunDir, atomic_write, fingerprint, reading, remove_path, replace_path, write_json, write_netcdf
 
 ACTIVATIONS = "activations.zarr"
 STATS = "stats.nc"
@@ -59,14 +59,21 @@ def record(condition, run_dir, *, model=None, progress: bool = True):
 
     condition = condition if isinstance(condition, Condition) else load_condition(condition)
     resolved = resolve(condition, model)
-    key = condition.fingerprint("model", "prompts", "target", "record")
+    key = recording_key(resolved)
     with RunDir(run_dir) as run:
         save_condition(condition, run.path)
         if not run.is_done(STAGE, key, outputs=(ACTIVATIONS, STATS)):
             run.forget(STAGE)
             _write_recording(resolved, run.path, key, progress)
             run.mark_done(STAGE, key)
-    return xr.open_zarr(Path(run_dir) / ACTIVATIONS)
+    with reading(Path(run_dir) / ACTIVATIONS, STAGE):
+        return xr.open_zarr(Path(run_dir) / ACTIVATIONS)
+
+
+def recording_key(resolved: Resolved) -> str:
+    """The record stage's fingerprint: the parts of the condition it depends on, and the weights."""
+    condition = resolved.condition
+    return fingerprint(condition.fingerprint("model", "prompts", "target", "record"), resolved.model.weights_fingerprint())
 
 
 def save_condition(condition: Condition, run_dir) -> None:
@@ -169,34 +176,77 @@ class Recording:
 
 
 def _write_recording(resolved: Resolved, run_dir: Path, key: str, progress: bool) -> None:
+    recording = Recording(resolved)
+    group, done, stats = open_partial_store(recording, run_dir, key)
+    model = resolved.model
+    dtype = _store_dtype(model)
+    todo = [i for i in range(len(recording)) if i not in done]
+    try:
+        with _BatchWriter(group, stats, run_dir / _MANIFEST, key, done) as writer:
+            with contextlib.closing(recording.forwards(todo, progress=progress)) as batches:
+                for activations in batches:
+                    _check_finite(activations, resolved)
+                    writer.submit(activations.to_numpy(dtype, special_ids(model)))
+    except ReduceError:
+        # A fault in the data (a non-finite activation) recurs on every resume: leave no half
+        # store behind. A kill or Ctrl-C keeps it, to resume from.
+        discard_partial_store(run_dir)
+        raise
+    publish_recording(stats, resolved, run_dir)
+
+
+def open_partial_store(recording: Recording, run_dir: Path, key: str):
+    """``(group, done, stats)``: the store being filled (created at full size unless an interrupted
+    recording with the same ``key`` left one), the batches it holds, and their statistics.
+
+    Serial recording and :func:`reduce.distributed.record_distributed` share this, so either
+    resumes what the other left.
+    """
     import zarr
 
-    recording = Recording(resolved)
-    partial = run_dir / _PARTIAL
-    manifest = run_dir / _MANIFEST
+    partial, manifest = run_dir / _PARTIAL, run_dir / _MANIFEST
     done = _finished_batches(manifest, key) if partial.is_dir() else None
     if done is None:
         _create_store(recording, partial)
         done = set()
         write_json(manifest, {"fingerprint": key, "done": []})
     group = zarr.open_group(str(partial), mode="r+")
-    model = resolved.model
-    stats = {site.name: RunningStats(model.n_units(site), resolved.condition.record.bins) for site in resolved.unit_sites}
+    resolved = recording.resolved
+    stats = {site.name: RunningStats(resolved.model.n_units(site), resolved.condition.record.bins) for site in resolved.unit_sites}
     for index in sorted(done):
         _accumulate(stats, _stored_batch(group, recording, index, stats))
-    dtype = _store_dtype(model)
-    todo = [i for i in range(len(recording)) if i not in done]
-    with _BatchWriter(group, stats, manifest, key, done) as writer:
-        with contextlib.closing(recording.forwards(todo, progress=progress)) as batches:
-            for activations in batches:
-                _check_finite(activations, resolved)
-                writer.submit(activations.to_numpy(dtype, special_ids(model)))
+    return group, done, stats
+
+
+def write_batch(group, arrays: BatchArrays) -> None:
+    """A batch's activations and target into its rows of the store (no other batch shares its chunks)."""
+    rows, width = slice(arrays.start, arrays.stop), arrays.real.shape[1]
+    for name, values in arrays.sites.items():
+        store = group[name]
+        store[rows, :width] = values.reshape(len(values), width, *store.shape[2:])
+    group["target"][rows, :width] = arrays.target
+
+
+def write_manifest(run_dir: Path, key: str, done) -> None:
+    write_json(run_dir / _MANIFEST, {"fingerprint": key, "done": sorted(done)})
+
+
+def publish_recording(stats: dict[str, RunningStats], resolved: Resolved, run_dir: Path) -> None:
+    """Every batch is stored: write ``stats.nc``, then rename the store into place."""
+    import zarr
+
+    partial = run_dir / _PARTIAL
     _write_stats(stats, resolved, run_dir / STATS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr notes that consolidated metadata is not in the v3 spec
         zarr.consolidate_metadata(str(partial))
     replace_path(partial, run_dir / ACTIVATIONS)
-    manifest.unlink()
+    (run_dir / _MANIFEST).unlink()
+
+
+def discard_partial_store(run_dir: Path) -> None:
+    remove_path(run_dir / _PARTIAL)
+    remove_path(run_dir / _MANIFEST)
 
 
 class _BatchWriter:
@@ -228,13 +278,9 @@ class _BatchWriter:
 
     def _write(self, arrays: BatchArrays) -> None:
         _accumulate(self.stats, arrays)
-        rows, width = slice(arrays.start, arrays.stop), arrays.real.shape[1]
-        for name, values in arrays.sites.items():
-            store = self.group[name]
-            store[rows, :width] = values.reshape(len(values), width, *store.shape[2:])
-        self.group["target"][rows, :width] = arrays.target
+        write_batch(self.group, arrays)
         self.done.add(arrays.index)
-        write_json(self.manifest, {"fingerprint": self.key, "done": sorted(self.done)})
+        write_manifest(self.manifest.parent, self.key, self.done)
 
 
 def _accumulate(stats: dict[str, RunningStats], arrays: BatchArrays) -> None:

@@ -35,7 +35,7 @@ from .features import GroupedFeatures
 from .fit import fit, split_prompts
 from .progress import progress_bar
 from .reduced import ReducedModel
-from .store import RunDir, write_json, write_netcdf
+from .store import RunDir, fingerprint, write_json, write_netcdf
 
 STAGE = "validate"
 OUTPUTS = ("validation.nc", "validation.json")
@@ -51,12 +51,12 @@ def validate(condition, run_dir, *, model=None, progress: bool = True) -> dict:
     """Validate the fitted reduced model of ``run_dir`` under every baseline of the condition."""
     condition = condition if isinstance(condition, Condition) else load_condition(condition)
     run_dir = Path(run_dir)
-    key = condition.fingerprint("model", "prompts", "target", "record", "fit", "ablation") + f"-seed{condition.seed}"
     with RunDir(run_dir) as run:
-        if run.is_done(STAGE, key, outputs=OUTPUTS):
-            return json.loads((run_dir / "validation.json").read_text())
         model = open_model(condition) if model is None else model
         fit(condition, run_dir, model=model, progress=progress)
+        key = fingerprint(condition.fingerprint("ablation"), run.stage_key("fit"))  # chained: a refit revalidates
+        if run.is_done(STAGE, key, outputs=OUTPUTS):
+            return json.loads((run_dir / "validation.json").read_text())
         run.forget(STAGE)
         summary = _validate(resolve(condition, model), run_dir, progress)
         run.mark_done(STAGE, key)
