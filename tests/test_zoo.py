@@ -3,6 +3,7 @@
 import json
 import platform
 import re
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -15,8 +16,17 @@ from reduce.condition import load_condition
 from reduce.errors import ReduceError
 from reduce.models import load_model
 from reduce.prompts import build_prompts
-from reduce.zoo import THRESHOLDS, ZOO_SPECS, evaluate, format_zoo_table, list_zoo, read_card, train, zoo_path
-from reduce.zoo import corpus
+from reduce.zoo import (
+    THRESHOLDS,
+    ZOO_SPECS,
+    corpus,
+    evaluate,
+    format_zoo_table,
+    list_zoo,
+    read_card,
+    train,
+    zoo_path,
+)
 from reduce.zoo.train import FAMILIES, build_tokenizer
 
 CONDITIONS = Path(__file__).parents[1] / "conditions"
@@ -79,21 +89,30 @@ def test_list_zoo_shows_every_model_within_budget():
 def test_shipped_weights_reproduce_their_card(name):
     card = read_card(name)
     assert card["meets_thresholds"] and card["spec"]["seed"] == ZOO_SPECS[name].seed
-    recomputed = evaluate(name, sample=24)
-    for key, minimum in THRESHOLDS.items():
-        assert card["metrics"][key] >= minimum and recomputed[key] >= minimum, key
-    # The filler sample is the first 24 of the card's 64 texts.
-    assert recomputed["filler_top1"] == pytest.approx(card["metrics"]["filler_top1"], abs=0.04)
-    assert recomputed["filler_ce"] == pytest.approx(card["metrics"]["filler_ce"], abs=0.1)
+    recomputed = evaluate(name)
+    assert recomputed == pytest.approx(card["metrics"], abs=1e-3)
+    assert all(recomputed[key] >= minimum for key, minimum in THRESHOLDS.items())
+
+
+def test_metrics_on_a_sample_match_the_card():
+    card = read_card("gpt2-d128-s0")["metrics"]
+    sampled = evaluate("gpt2-d128-s0", sample=16)
+    assert all(sampled[key] >= minimum for key, minimum in THRESHOLDS.items())
+    # The filler sample is the first 16 of the card's 64 texts.
+    assert sampled["filler_top1"] == pytest.approx(card["filler_top1"], abs=0.05)
+    assert sampled["filler_ce"] == pytest.approx(card["filler_ce"], abs=0.15)
+    assert sampled["filler_ce"] != card["filler_ce"]  # it really is a smaller set
 
 
 def test_zoo_folders_load_as_plain_transformers_models():
     import transformers
 
+    fresh_tokenizer = json.loads(build_tokenizer(corpus.CORPUS_SEED).backend_tokenizer.to_str())
     for name, spec in ZOO_SPECS.items():
         folder = zoo_path(name)
         config = transformers.AutoConfig.from_pretrained(folder)
         assert config.model_type == spec.family and not list(folder.glob("*.bin"))
+        assert json.loads((folder / "tokenizer.json").read_text()) == fresh_tokenizer  # no padding state saved
     tokenizer = transformers.AutoTokenizer.from_pretrained(zoo_path("tiny"))
     module = transformers.AutoModelForCausalLM.from_pretrained(zoo_path("tiny"))
     batch = tokenizer(["the birds near the chair", "the bird"], padding=True, return_tensors="pt")
@@ -108,6 +127,7 @@ def test_retraining_tiny_reproduces_its_card(tmp_path):
     folder = train("tiny", out_dir=tmp_path / "tiny", progress=False)
     retrained = json.loads((folder / "card.json").read_text())
     assert retrained["metrics"] == pytest.approx(shipped["metrics"], abs=0.02)
+    assert (folder / "tokenizer.json").read_text() == (zoo_path("tiny") / "tokenizer.json").read_text()
     same_setup = retrained["versions"] == shipped["versions"] and retrained["trained_on"] == shipped["trained_on"]
     if same_setup and platform.machine() == "x86_64":
         old, new = load_file(zoo_path("tiny") / "model.safetensors"), load_file(folder / "model.safetensors")
@@ -144,8 +164,10 @@ def _corpus_records(prompts) -> set:
 
 def test_condition_files_hold_exactly_the_heldout_prompts():
     sva = load_condition(CONDITIONS / "sva.toml")
+    every_sva = replace(sva, prompts=replace(sva.prompts, max_prompts=None))  # the file may sample its slot product
     heldout_sva = _corpus_records(p for c in corpus.CONSTRUCTIONS for p in corpus.heldout_sva_prompts(c))
-    assert _records(build_prompts(sva)) == heldout_sva
+    assert _records(build_prompts(every_sva)) == heldout_sva
+    assert _records(build_prompts(sva)) <= heldout_sva
     assert _records(build_prompts(load_condition(CONDITIONS / "sva_tiny.toml"))) < heldout_sva
     twohop = load_condition(CONDITIONS / "twohop.toml")
     assert _records(build_prompts(twohop)) == _corpus_records(corpus.heldout_twohop_prompts())

@@ -16,7 +16,7 @@ from .evaluate import THRESHOLDS
 from .specs import ZOO_SPECS, ZooSpec, spec_for
 from .train import WEIGHTS_DIR, train
 
-__all__ = ["ZOO_SPECS", "ZooSpec", "zoo_path", "list_zoo", "read_card", "format_zoo_table", "train", "evaluate", "THRESHOLDS"]
+__all__ = ["THRESHOLDS", "ZOO_SPECS", "ZooSpec", "evaluate", "format_zoo_table", "list_zoo", "read_card", "train", "zoo_path"]
 
 
 def zoo_path(name: str, *, source=None, field: str | None = "model.name") -> Path:
@@ -69,13 +69,13 @@ _COLUMNS = (
 
 
 def format_zoo_table(rows: list[dict] | None = None) -> str:
-    """A plain-text table of :func:`list_zoo` for ``reduce zoo list``."""
+    """A plain-text table of :func:`list_zoo` for ``reduce zoo list``, newline-terminated."""
     rows = list_zoo() if rows is None else rows
     cells = [[header for header, _ in _COLUMNS]] + [[fmt.format(row[key]) for key, fmt in _COLUMNS] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
     total = sum(row["size_mb"] for row in rows)
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], f"{len(rows)} models, {total:.1f} MB"])
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], f"{len(rows)} models, {total:.1f} MB", ""])
 
 
 def evaluate(path_or_name, sample: int | None = None) -> dict:

@@ -40,10 +40,10 @@ corpus seed, a training stream from its own seed. Every text starts a sentence; 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import product
-from typing import Iterator
 
 CORPUS_SEED = 0
 SEQ_LEN = 32  # tokens in a zoo model's context, BOS included
@@ -168,7 +168,7 @@ def _invent_word(rng: random.Random, taken: set) -> str:
 def _fixed_words() -> list[str]:
     nested = (NOUNS, VERBS, [COPULA])
     pairs = [w for group in nested for pair in group for w in pair]
-    grammar = "the that a of in is lives state capital counted after comes gave thanked walked to and painted .".split()
+    grammar = ["the", "that", "a", "of", "in", "is", "lives", "state", "capital", "counted", "after", "comes", "gave", "thanked", "walked", "to", "and", "painted", "."]
     lists = (PREPOSITIONS, ADJECTIVES, NAMES, NUMBERS, DAYS, OBJECTS, PLACES, ACTIONS, COLORS)
     return list(dict.fromkeys(pairs + grammar + [w for group in lists for w in group]))
 

@@ -6,17 +6,41 @@ Prompts run through :mod:`reduce.batching` (right padding), the same path every 
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import torch
 
 from ..batching import encode, forward
 from ..models import LoadedModel, from_module
-from .corpus import CONSTRUCTIONS, CORPUS_SEED, Prompt, heldout_filler, heldout_sva_prompts, heldout_twohop_prompts, world
+from .corpus import (
+    CONSTRUCTIONS,
+    CORPUS_SEED,
+    Prompt,
+    heldout_filler,
+    heldout_sva_prompts,
+    heldout_twohop_prompts,
+    world,
+)
 
 # A shipped model must reach these held-out accuracies.
 THRESHOLDS = {"sva_simple": 0.99, "sva_pp": 0.99, "sva_rc": 0.99, "twohop": 0.95}
 FILLER_TEXTS = 64
 BATCH = 128
+
+
+@contextmanager
+def pinned_threads(count: int = 1):
+    """Run torch on ``count`` intra-op threads, then restore the previous count.
+
+    Zoo models are too small to gain from more threads (on a busy machine extra threads only
+    contend), and float reductions, hence bit-exact results, depend on the count.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _subsample(items: list, sample: int | None, label: str) -> list:
@@ -68,6 +92,7 @@ def filler_scores(model: LoadedModel, texts: list[str]) -> tuple[float, float]:
 
 
 @torch.no_grad()
+@pinned_threads()
 def evaluate_model(model: LoadedModel, *, corpus_seed: int = CORPUS_SEED, sample: int | None = None) -> dict:
     """Card metrics; ``sample`` caps the prompts per set and the filler texts (a seeded subsample)."""
     metrics = {}

@@ -27,7 +27,7 @@ class ZooSpec:
 
 
 def _default(seed: int, **changes) -> ZooSpec:
-    shape = dict(family="gpt2", layers=4, d_model=128, heads=4, d_mlp=512, seed=seed, steps=1200)
+    shape = {"family": "gpt2", "layers": 4, "d_model": 128, "heads": 4, "d_mlp": 512, "seed": seed, "steps": 1200}
     return ZooSpec(**{**shape, **changes})
 
 

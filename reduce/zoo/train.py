@@ -13,7 +13,6 @@ import json
 import math
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from ..progress import progress_bar
 from ..store import atomic_path
 from .corpus import SEQ_LEN, training_texts, vocabulary
-from .evaluate import THRESHOLDS, evaluate_module, meets_thresholds
+from .evaluate import THRESHOLDS, evaluate_module, meets_thresholds, pinned_threads
 from .specs import ZooSpec, spec_for
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -95,16 +94,6 @@ def model_config(spec: ZooSpec, tokenizer):
     return getattr(transformers, class_name)(**values, **fixed, **special)
 
 
-@contextmanager
-def _pinned_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _learning_rate(spec: ZooSpec, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < spec.warmup:
@@ -164,11 +153,10 @@ def train(name: str, *, out_dir=None, progress: bool = True) -> Path:
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR / name
     tokenizer = build_tokenizer(spec.corpus_seed, spec.seq_len)
     started = time.perf_counter()
-    with _pinned_threads(TRAIN_THREADS):
+    with pinned_threads(TRAIN_THREADS):
         module, final_loss = train_module(spec, tokenizer, progress=progress)
     wall = time.perf_counter() - started
-    with torch.no_grad():
-        metrics = evaluate_module(module, tokenizer, corpus_seed=spec.corpus_seed)
+    metrics = evaluate_module(module, tokenizer, corpus_seed=spec.corpus_seed)
     card = {
         "name": name,
         "spec": asdict(spec),
@@ -189,7 +177,8 @@ def train(name: str, *, out_dir=None, progress: bool = True) -> Path:
     }
     with atomic_path(out) as folder:
         module.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        # A fresh copy: the one used above keeps the padding and truncation of its last call.
+        build_tokenizer(spec.corpus_seed, spec.seq_len).save_pretrained(folder)
         (folder / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return out
 
