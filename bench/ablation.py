@@ -1,18 +1,20 @@
 """Ablation engine and gradient attribution: speed-ups over the plain loop, and attribution quality.
 
-Arms run side by side, interleaved repetition by repetition; each figure is a ratio of medians.
+Arms run side by side, interleaved repetition by repetition; each speed-up is the median of the
+per-repetition ratios.
 The model is the zoo default (``zoo:gpt2-d128-s0``: GPT-2, 4 layers, d_model 128, 4 heads,
 d_mlp 512) when its weights exist, else the same configuration randomly initialised; prompts are
 16 held-out subject-verb agreement prompts of different lengths (a padded batch).
 
-    python bench/ablation.py [--quick]
+Timings go through :func:`bench.timing.interleaved` (arms in rotating order, paired ratios).
+
+    python -m bench.ablation [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
@@ -21,31 +23,13 @@ from reduce.ablate import AblationRunner, TargetMeasure, single_units
 from reduce.attribution import attribute, compare_with_ablation
 from reduce.baselines import Baseline, BaselineSource, UnitTable
 from reduce.batching import encode, forward
-from reduce.errors import ReduceError
 from reduce.sites import resolve_sites
 from reduce.target import Target
 
-ZOO_DEFAULT = "gpt2-d128-s0"
+from .timing import interleaved
+from .workloads import load_zoo_default
+
 N_PROMPTS = 16
-
-
-def load_bench_model():
-    """The zoo default model, or its architecture with random weights before the zoo is trained."""
-    from reduce.models import from_module, load_model
-
-    try:
-        return load_model(f"zoo:{ZOO_DEFAULT}"), f"zoo:{ZOO_DEFAULT}"
-    except ReduceError:
-        import transformers
-
-        from reduce.zoo.specs import ZOO_SPECS
-        from reduce.zoo.train import build_tokenizer, model_config
-
-        spec = ZOO_SPECS[ZOO_DEFAULT]
-        tokenizer = build_tokenizer(spec.corpus_seed)
-        torch.manual_seed(spec.seed)
-        module = transformers.GPT2LMHeadModel(model_config(spec, tokenizer))
-        return from_module(module, tokenizer, name=f"random-init {ZOO_DEFAULT}"), f"random-init {ZOO_DEFAULT}"
 
 
 def bench_prompts(model):
@@ -58,23 +42,11 @@ def bench_prompts(model):
     return batch, ids([p.answer for p in chosen]), ids([p.wrong for p in chosen])
 
 
-def interleaved(arms: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each arm, running the arms in turn ``repeats`` times (after one warm-up each)."""
-    for arm in arms.values():
-        arm()
-    times = {name: [] for name in arms}
-    for _ in range(repeats):
-        for name, arm in arms.items():
-            start = time.perf_counter()
-            arm()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) for name, values in times.items()}
-
-
 def run(quick: bool = False) -> dict:
     torch.manual_seed(0)
-    model, model_name = load_bench_model()
+    model, model_name = load_zoo_default()
     repeats = 3 if quick else 7
+    per_plan = 16 if quick else 64  # single-unit ablations in the spread and last-layer plans
     mlp = resolve_sites(["blocks.*.mlp.hook_post"], model.n_layers)
     units = UnitTable.for_sites(model, resolve_sites(["blocks.*.mlp.hook_post", "blocks.*.attn.hook_z"], model.n_layers))
     mlp_rows = np.concatenate([units.rows(site) for site in mlp])
@@ -97,15 +69,17 @@ def run(quick: bool = False) -> dict:
     def timed(engine, prepared, plan):
         return lambda: engine.run(prepared, plan, {baseline: offsets}, measure)
 
-    results = {"model": model_name, "threads": torch.get_num_threads(), "prompts": len(batch), "prompt_width": batch.width, "repeats": repeats}
+    results = {"model": model_name, "threads": torch.get_num_threads(), "prompts": len(batch), "batch_size": len(batch), "prompt_width": batch.width, "repeats": repeats, "n_layers": model.n_layers}
 
-    # 64 single-unit ablations spread over every layer: stacked in the batch vs one forward each.
-    spread = single_units(np.random.default_rng(1).choice(mlp_rows, 64, replace=False), [baseline])
+    # Single-unit ablations spread over every layer: stacked in the batch vs one forward each.
+    spread = single_units(np.random.default_rng(1).choice(mlp_rows, per_plan, replace=False), [baseline])
     t = interleaved({"one_per_forward": timed(naive, naive_prepared, spread), "stacked": timed(stacked, stacked_prepared, spread)}, repeats)
-    results["batched_ablation_speedup"] = t["one_per_forward"] / t["stacked"]
+    results["batched_ablation_units"] = len(spread)
+    results["batched_ablation_timings"] = t.summary()
+    results["batched_ablation_speedup"] = t.ratio("one_per_forward", "stacked")
 
     # Ablations in the last layer: start there from the cached residual stream vs rerun every layer.
-    last = single_units(units.rows(mlp[-1])[:64], [baseline])
+    last = single_units(units.rows(mlp[-1])[:per_plan], [baseline])
     t = interleaved(
         {
             "full_one": timed(naive, naive_prepared, last),
@@ -115,22 +89,25 @@ def run(quick: bool = False) -> dict:
         },
         repeats,
     )
-    results["layer_reuse_speedup"] = t["full_stacked"] / t["reuse_stacked"]
-    results["layer_reuse_speedup_one_per_forward"] = t["full_one"] / t["reuse_one"]
+    results["layer_reuse_timings"] = t.summary()
+    results["layer_reuse_speedup"] = t.ratio("full_stacked", "reuse_stacked")
+    results["layer_reuse_speedup_one_per_forward"] = t.ratio("full_one", "reuse_one")
     results["layer_reuse_goal"] = 0.8 * model.n_layers
 
-    # Exact single-unit effects of every MLP neuron: all tricks together vs the naive loop.
-    sweep_rows = mlp_rows if not quick else np.concatenate([units.rows(site)[:64] for site in mlp])
+    # Exact single-unit effects of every MLP neuron: all tricks together vs the naive loop
+    # (no untimed warm-up round: the runners are warm, and the naive sweep is the longest arm here).
+    sweep_rows = mlp_rows if not quick else np.concatenate([units.rows(site)[:8] for site in mlp])
     sweep = single_units(sweep_rows, [baseline])
-    t = interleaved({"naive": timed(naive, naive_prepared, sweep), "all_tricks": timed(reusing, reusing_prepared, sweep)}, 1 if not quick else repeats)
+    t = interleaved({"naive": timed(naive, naive_prepared, sweep), "all_tricks": timed(reusing, reusing_prepared, sweep)}, 1, warmup=0)
     results["sweep_units"] = len(sweep)
-    results["sweep_naive_s"] = t["naive"]
-    results["sweep_all_tricks_s"] = t["all_tricks"]
-    results["sweep_vs_naive"] = t["naive"] / t["all_tricks"]
+    results["sweep_naive_s"] = t.median("naive")
+    results["sweep_all_tricks_s"] = t.median("all_tricks")
+    results["sweep_vs_naive"] = t.ratio("naive", "all_tricks")
 
     # Gradient attribution of every unit vs one plain forward of the same batch.
     t = interleaved({"forward": lambda: torch.no_grad()(forward)(model, batch), "attribution": lambda: attribute(model, batch, target, units, offsets, answer_ids=answers, wrong_ids=wrongs)}, max(repeats, 5))
-    results["attribution_cost"] = t["attribution"] / t["forward"]
+    results["attribution_timings"] = t.summary()
+    results["attribution_cost"] = t.ratio("attribution", "forward")
 
     exact = reusing.run(reusing_prepared, sweep, {baseline: offsets}, measure)["target"] - reusing_prepared.clean["target"][None]
     for steps, name in ((None, "attribution"), (8, "integrated_gradients_8")):
@@ -145,4 +122,7 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(run(parser.parse_args().quick), indent=2))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    print(json.dumps(run(arguments.quick), indent=2))

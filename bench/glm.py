@@ -21,14 +21,16 @@ and the separable one 2 × (6 + 10) = 32 (+ 3 history weights + intercept).
 Times are wall-clock seconds (CPU seconds alongside) on whatever machine runs this; every arm
 uses one BLAS thread (ReducedModel limits itself to one; the others are limited to match).
 
-    PYTHONPATH=. python bench/glm.py [--quick]
+Timings go through :func:`bench.timing.interleaved`: the arms of each comparison run side by side
+(after an untimed first fit of each kind); ratios are medians of per-repetition ratios.
+
+    python -m bench.glm [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import time
 import tracemalloc
 
 import numpy as np
@@ -38,6 +40,8 @@ from threadpoolctl import threadpool_limits
 
 from reduce.basis import LogRaisedCosine
 from reduce.reduced import ReducedModel, as_dataset, evaluate, split_by_block
+
+from .timing import interleaved
 
 GROUPS, DISTANCES, LAGS, HISTORY = 2, 10, 50, 3
 GOAL_SECONDS = 1.0
@@ -62,12 +66,6 @@ def simulate(n_samples: int, seed: int = 0):
     return dataset, drive
 
 
-def timed(function):
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def auroc(scores, positive) -> float:
     """Mann–Whitney AUROC from ranks (ties averaged): the fastest exact form, for COBYLA's objective."""
     n_positive = positive.sum()
@@ -85,20 +83,28 @@ def projected_design(dataset):
 
 
 def statsmodels_arm(train, test):
+    """statsmodels' IRLS on the projected design: (the fit to time, what to report of its result)."""
     import statsmodels.api as sm
 
     features, history = projected_design(train)
     design = sm.add_constant(np.concatenate([features.reshape(len(features), -1), history], axis=1))
-    with threadpool_limits(limits=1, user_api="blas"):  # the same single BLAS thread ReducedModel uses
-        result, wall, cpu = timed(lambda: sm.GLM(train["target"].values, design, family=sm.families.Binomial()).fit())
     # Centring the test set with its own means shifts every drive by one constant: AUROC is unchanged.
     test_features, test_history = projected_design(test)
     test_design = sm.add_constant(np.concatenate([test_features.reshape(len(test_features), -1), test_history], axis=1), has_constant="add")
-    return {"seconds": wall, "cpu_seconds": cpu, "test_auroc": auroc(test_design @ result.params, test["target"].values == 1), "converged": bool(result.converged)}
+
+    def fit():
+        with threadpool_limits(limits=1, user_api="blas"):  # the same single BLAS thread ReducedModel uses
+            return sm.GLM(train["target"].values, design, family=sm.families.Binomial()).fit()
+
+    def report(result) -> dict:
+        return {"test_auroc": auroc(test_design @ result.params, test["target"].values == 1), "converged": bool(result.converged)}
+
+    return fit, report
 
 
 def cobyla_arm(train, test, max_evaluations: int):
-    """Maximise training AUROC over s_g, t_g (orthonormal basis coefficients) and history weights."""
+    """Maximise training AUROC over s_g, t_g (orthonormal basis coefficients) and history weights:
+    (the optimisation to time, what to report of its result)."""
     features, history = projected_design(train)
     test_features, test_history = projected_design(test)
     positive, test_positive = train["target"].values == 1, test["target"].values == 1
@@ -111,71 +117,117 @@ def cobyla_arm(train, test, max_evaluations: int):
 
     start = np.concatenate([np.full(GROUPS * n_spatial, 0.1), np.full(GROUPS * n_temporal, 1 / np.sqrt(n_temporal)), np.zeros(HISTORY)])
     objective = lambda parameters: -auroc(drive(parameters, features, history), positive)  # noqa: E731
-    with threadpool_limits(limits=1, user_api="blas"):
-        result, wall, cpu = timed(lambda: minimize(objective, start, method="COBYLA", options={"maxiter": max_evaluations, "rhobeg": 0.5, "tol": 1e-4}))
-    return {
-        "seconds": wall,
-        "cpu_seconds": cpu,
-        "evaluations": int(result.nfev),
-        "parameters": len(start),
-        "stopped": str(result.message),
-        "train_auroc": -float(result.fun),
-        "test_auroc": auroc(drive(result.x, test_features, test_history), test_positive),
-    }
+
+    def fit():
+        with threadpool_limits(limits=1, user_api="blas"):
+            return minimize(objective, start, method="COBYLA", options={"maxiter": max_evaluations, "rhobeg": 0.5, "tol": 1e-4})
+
+    def report(result) -> dict:
+        return {
+            "evaluations": int(result.nfev),
+            "parameters": len(start),
+            "stopped": str(result.message),
+            "train_auroc": -float(result.fun),
+            "test_auroc": auroc(drive(result.x, test_features, test_history), test_positive),
+        }
+
+    return fit, report
+
+
+def _keeping(results: dict, name: str, function):
+    """An arm that also keeps what ``function`` returns (the last repetition's) under ``name``."""
+
+    def arm():
+        results[name] = function()
+
+    return arm
 
 
 def run(quick: bool = False) -> dict:
-    n_samples = 2000 if quick else 10_000
+    n_samples = 1000 if quick else 10_000
+    repetitions = 1 if quick else 3
     dataset, drive = simulate(n_samples)
     train_rows, test_rows = split_by_block(dataset["block"].values, 0.2, seed=0)
     train, test = dataset.isel(sample=train_rows), dataset.isel(sample=test_rows)
     truth_auroc = auroc(drive[test_rows], test["target"].values == 1)
+    fitted: dict = {}
 
-    model, wall, cpu = timed(lambda: ReducedModel().fit(dataset))
-    _, single_wall, single_cpu = timed(lambda: ReducedModel(alpha=model.alpha_).fit(dataset))
-    _, full_wall, full_cpu = timed(lambda: ReducedModel(structure="full").fit(dataset))
+    # Untimed first fits: they pay the one-time costs (lazy imports, first allocations) and give
+    # the alphas cross-validation picks, for the fixed-alpha arms.
+    chosen = ReducedModel().fit(dataset)
+    separable_train, full_train = ReducedModel().fit(train), ReducedModel(structure="full").fit(train)
 
-    separable, separable_wall, separable_cpu = timed(lambda: ReducedModel().fit(train))
-    fixed, fixed_wall, fixed_cpu = timed(lambda: ReducedModel(alpha=separable.alpha_).fit(train))
-    full_grid, full_grid_wall, full_grid_cpu = timed(lambda: ReducedModel(structure="full").fit(train))
-    full_fixed, full_fixed_wall, full_fixed_cpu = timed(lambda: ReducedModel(structure="full", alpha=full_grid.alpha_).fit(train))
-    baseline = statsmodels_arm(train, test)
-    cobyla = cobyla_arm(train, test, max_evaluations=500 if quick else 5000)
+    per_target = interleaved(
+        {
+            "separable_cv": _keeping(fitted, "separable_cv", lambda: ReducedModel().fit(dataset)),
+            "separable_fixed_alpha": lambda: ReducedModel(alpha=chosen.alpha_).fit(dataset),
+            "full_grid_cv": lambda: ReducedModel(structure="full").fit(dataset),
+        },
+        repetitions,
+        warmup=0,
+    )
+    statsmodels_fit, statsmodels_report = statsmodels_arm(train, test)
+    versus_statsmodels = interleaved(
+        {
+            "statsmodels_irls": _keeping(fitted, "statsmodels", statsmodels_fit),
+            "reduce_full_grid_cv": _keeping(fitted, "full_grid", lambda: ReducedModel(structure="full").fit(train)),
+            "reduce_full_grid_fixed_alpha": _keeping(fitted, "full_grid_fixed", lambda: ReducedModel(structure="full", alpha=full_train.alpha_).fit(train)),
+        },
+        repetitions,
+        warmup=0,
+    )
+    cobyla_fit, cobyla_report = cobyla_arm(train, test, max_evaluations=200 if quick else 5000)
+    versus_cobyla = interleaved(
+        {
+            "cobyla": _keeping(fitted, "cobyla", cobyla_fit),
+            "reduce_separable_cv": _keeping(fitted, "separable", lambda: ReducedModel().fit(train)),
+            "reduce_separable_fixed_alpha": _keeping(fitted, "separable_fixed", lambda: ReducedModel(alpha=separable_train.alpha_).fit(train)),
+        },
+        1,
+        warmup=0,
+    )
 
     tracemalloc.start()
     ReducedModel().fit(dataset)
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
+    statsmodels_result = {"seconds": versus_statsmodels.median("statsmodels_irls"), "cpu_seconds": versus_statsmodels.median_cpu("statsmodels_irls"), **statsmodels_report(fitted["statsmodels"])}
+    cobyla = {"seconds": versus_cobyla.median("cobyla"), "cpu_seconds": versus_cobyla.median_cpu("cobyla"), **cobyla_report(fitted["cobyla"])}
+    wall, cpu = per_target.median("separable_cv"), per_target.median_cpu("separable_cv")
+    arm = lambda timings, name, model, label: {"seconds": timings.median(name), "cpu_seconds": timings.median_cpu(name), "test_auroc": evaluate(model, test)["auroc"], "with": label}  # noqa: E731
     return {
         "samples": n_samples,
         "features": GROUPS * DISTANCES * LAGS,
         "grid": f"{GROUPS} groups × {DISTANCES} distances × {LAGS} lags, {HISTORY} history lags",
+        "repetitions": repetitions,
+        "threads": "one BLAS thread in every arm",
         "glm_seconds_per_target": wall,
         "glm_cpu_seconds_per_target": cpu,
         "glm_goal_seconds": GOAL_SECONDS,
         "glm_ratio_to_goal": wall / GOAL_SECONDS,
-        "glm_seconds_single_alpha": single_wall,
-        "glm_cpu_seconds_single_alpha": single_cpu,
-        "glm_full_grid_seconds_per_target": full_wall,
-        "glm_full_grid_cpu_seconds_per_target": full_cpu,
-        "glm_converged": model.converged_,
+        "glm_seconds_single_alpha": per_target.median("separable_fixed_alpha"),
+        "glm_cpu_seconds_single_alpha": per_target.median_cpu("separable_fixed_alpha"),
+        "glm_full_grid_seconds_per_target": per_target.median("full_grid_cv"),
+        "glm_full_grid_cpu_seconds_per_target": per_target.median_cpu("full_grid_cv"),
+        "glm_converged": fitted["separable_cv"].converged_,
+        "per_target_timings": per_target.summary(),
         "truth_test_auroc": truth_auroc,
         "glm_vs_statsmodels": {
             "design": "123 columns: 2 × 6 × 10 projected inputs + 3 history (unpenalised IRLS)",
-            "statsmodels": baseline,
-            "reduce_full_grid": {"seconds": full_grid_wall, "cpu_seconds": full_grid_cpu, "test_auroc": evaluate(full_grid, test)["auroc"], "with": "5-fold CV over 8 alphas"},
-            "reduce_full_grid_fixed_alpha": {"seconds": full_fixed_wall, "cpu_seconds": full_fixed_cpu, "test_auroc": evaluate(full_fixed, test)["auroc"], "with": "the alpha CV chose"},
-            "time_ratio": baseline["seconds"] / full_grid_wall,
-            "time_ratio_fixed_alpha": baseline["seconds"] / full_fixed_wall,
+            "statsmodels": statsmodels_result,
+            "reduce_full_grid": arm(versus_statsmodels, "reduce_full_grid_cv", fitted["full_grid"], "5-fold CV over 8 alphas"),
+            "reduce_full_grid_fixed_alpha": arm(versus_statsmodels, "reduce_full_grid_fixed_alpha", fitted["full_grid_fixed"], "the alpha CV chose"),
+            "time_ratio": versus_statsmodels.ratio("statsmodels_irls", "reduce_full_grid_cv"),
+            "time_ratio_fixed_alpha": versus_statsmodels.ratio("statsmodels_irls", "reduce_full_grid_fixed_alpha"),
         },
-        "glm_vs_cobyla_speedup": cobyla["seconds"] / separable_wall,
-        "glm_vs_cobyla_speedup_cpu": cobyla["cpu_seconds"] / separable_cpu,
-        "glm_vs_cobyla_speedup_fixed_alpha": cobyla["seconds"] / fixed_wall,
-        "glm_vs_cobyla_speedup_fixed_alpha_cpu": cobyla["cpu_seconds"] / fixed_cpu,
+        "glm_vs_cobyla_speedup": versus_cobyla.ratio("cobyla", "reduce_separable_cv"),
+        "glm_vs_cobyla_speedup_cpu": versus_cobyla.cpu_ratio("cobyla", "reduce_separable_cv"),
+        "glm_vs_cobyla_speedup_fixed_alpha": versus_cobyla.ratio("cobyla", "reduce_separable_fixed_alpha"),
+        "glm_vs_cobyla_speedup_fixed_alpha_cpu": versus_cobyla.cpu_ratio("cobyla", "reduce_separable_fixed_alpha"),
         "cobyla": cobyla,
-        "glm_separable": {"seconds": separable_wall, "cpu_seconds": separable_cpu, "test_auroc": evaluate(separable, test)["auroc"], "with": "5-fold CV over 8 alphas"},
-        "glm_separable_fixed_alpha": {"seconds": fixed_wall, "cpu_seconds": fixed_cpu, "test_auroc": evaluate(fixed, test)["auroc"], "with": "the alpha CV chose"},
+        "glm_separable": arm(versus_cobyla, "reduce_separable_cv", fitted["separable"], "5-fold CV over 8 alphas"),
+        "glm_separable_fixed_alpha": arm(versus_cobyla, "reduce_separable_fixed_alpha", fitted["separable_fixed"], "the alpha CV chose"),
         "peak_traced_memory_mb": traced_peak / 2**20,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -1,108 +1,120 @@
-"""Recording overhead on MiniLM: hooked forwards copied to numpy vs plain forwards, side by side.
+"""Recording overhead: hooked forwards copied to memory, and with streaming statistics, over plain forwards.
 
-Three ways through the same batches of the example condition ``conditions/minilm_neuron.toml``:
+For each workload (:mod:`bench.workloads`) these arms run side by side on the same batches:
 
-- ``plain``: forwards only, no hooks (the floor);
-- ``memory``: what ``reduce.record`` does per batch before touching disk, i.e. forwards with the
-  recording hooks plus the target, and each batch's sites copied to numpy once (target <= 1.10x);
-- ``record``: the whole ``reduce.record`` into a fresh run directory (tokenising, the zarr store,
-  streaming statistics of every unit, stats.nc), for reference.
+- ``forward``: forwards only, no hooks (the floor);
+- ``record_to_memory``: what ``reduce.record`` does per batch before touching disk: forwards with
+  the recording hooks on every MLP neuron and attention pre-out unit plus a neuron target, and each
+  batch's sites copied to numpy once, padding set to NaN (``BatchActivations.to_numpy``);
+- ``record_with_stats``: the same, plus ``RunningStats.update`` of every unit site on every counted
+  token (what ``record``'s writer thread does, here inline) and the refined peak at the end;
+- ``record_full`` (workloads built from a condition): the whole ``reduce.record`` into a fresh run
+  directory (zarr store, streaming statistics, stats.nc), for reference.
 
-Repetitions are interleaved (rotating the order) and summarised by medians.
+``record_vs_forward`` = record_to_memory / forward (goal <= 1.10); ``stats_vs_forward`` =
+record_with_stats / forward (goal <= 1.25).
 
-    python bench/record_overhead.py [--quick] [--threads N]     (with reduce installed: pip install -e .)
+    python -m bench.record_overhead [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import statistics
 import tempfile
-import time
+from itertools import count
 from pathlib import Path
 
 import torch
 
-CONDITION = Path(__file__).resolve().parents[1] / "conditions" / "minilm_neuron.toml"
+from reduce.batching import forward
+from reduce.hooks import hooked
+from reduce.record import BatchActivations, BatchArrays, _accumulate, record, special_ids
+from reduce.stats import RunningStats
+
+from .timing import interleaved
+
+BINS = 256
 
 
-def run(quick: bool = False) -> dict:
-    from reduce.batching import forward
-    from reduce.condition import load_condition, open_model, resolve
-    from reduce.record import Recording, record
+def forward_all(workload) -> None:
+    """Plain forwards of every batch."""
+    with torch.inference_mode():
+        for batch in workload.batches:
+            forward(workload.model, batch)
 
-    prompts, batch_size, repetitions = (64, 32, 3) if quick else (256, 64, 7)
-    condition = load_condition(CONDITION)
-    condition = dataclasses.replace(
-        condition,
-        prompts=dataclasses.replace(condition.prompts, max_prompts=prompts),
-        record=dataclasses.replace(condition.record, batch_size=batch_size),
-    )
-    model = open_model(condition)
-    recording = Recording(resolve(condition, model))
-    batches = range(len(recording))
 
-    def plain():
-        with torch.inference_mode():
-            for index in batches:
-                forward(model, recording.batch(index))
+def record_to_memory(workload, consume=None) -> None:
+    """Hooked forwards, each batch's sites and target copied to numpy once (``consume(BatchArrays)`` after each)."""
+    model, sites = workload.model, workload.sites
+    special = special_ids(model)
+    start = 0
+    with torch.inference_mode(), hooked(model, record=[*sites, *workload.target.sites]) as recorded:
+        for index, batch in enumerate(workload.batches):
+            output = forward(model, batch)
+            target = workload.target.values(output, recorded)
+            activations = BatchActivations(index, start, start + len(batch), batch, {site.name: recorded[site.name] for site in sites}, target)
+            arrays = activations.to_numpy(special_ids=special)
+            start += len(batch)
+            if consume is not None:
+                consume(arrays)
 
-    def memory():
-        for activations in recording.forwards(batches):
-            activations.to_numpy()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        runs = iter(range(10**6))
+def new_statistics(workload) -> dict[str, RunningStats]:
+    return {site.name: RunningStats(workload.model.n_units(site), BINS) for site in workload.sites}
 
-        def full():
-            record(condition, Path(scratch) / f"run{next(runs)}", model=model, progress=False)
 
-        ways = {"plain": plain, "memory": memory, "record": full}
-        for way in ways.values():  # warm up caches, allocator and lazy imports
-            way()
-        times = {name: [] for name in ways}
-        order = list(ways)
-        for repetition in range(repetitions):
-            for name in order[repetition % len(order) :] + order[: repetition % len(order)]:
-                started = time.perf_counter()
-                ways[name]()
-                times[name].append(time.perf_counter() - started)
+def record_with_stats(workload) -> dict[str, RunningStats]:
+    """:func:`record_to_memory` plus the streaming statistics of every unit, as ``reduce.record`` accumulates them."""
+    statistics = new_statistics(workload)
 
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    return {
-        "model": "minilm (all-MiniLM-L6-v2, 6 layers, d_model 384)",
-        "prompts": len(recording.resolved.prompts),
-        "batch_size": batch_size,
-        "batches": len(recording),
-        "seq_length": recording.width,
-        "sites": len(recording.resolved.sites),
-        "units": sum(model.n_units(s) for s in recording.resolved.unit_sites),
-        "threads": torch.get_num_threads(),
-        "repetitions": repetitions,
-        "median_s": medians,
-        "memory_over_plain": medians["memory"] / medians["plain"],
-        "record_over_plain": medians["record"] / medians["plain"],
+    def accumulate(arrays: BatchArrays) -> None:
+        _accumulate(statistics, arrays)
+
+    record_to_memory(workload, accumulate)
+    for accumulator in statistics.values():
+        accumulator.peak("refined")
+    return statistics
+
+
+def run_workload(workload, repetitions: int, *, full_record: bool = True) -> dict:
+    arms = {
+        "forward": lambda: forward_all(workload),
+        "record_to_memory": lambda: record_to_memory(workload),
+        "record_with_stats": lambda: record_with_stats(workload),
     }
+    with tempfile.TemporaryDirectory(prefix="bench-record-") as scratch:
+        if full_record and workload.condition is not None:
+            runs = count()
+            arms["record_full"] = lambda: record(workload.condition, Path(scratch) / f"run{next(runs)}", model=workload.model, progress=False)
+        timings = interleaved(arms, repetitions)
+    result = {
+        **workload.describe(),
+        "timings": timings.summary(),
+        "record_vs_forward": timings.ratio_summary("record_to_memory", "forward"),
+        "stats_vs_forward": timings.ratio_summary("record_with_stats", "forward"),
+    }
+    if "record_full" in arms:
+        result["record_full_vs_forward"] = timings.ratio_summary("record_full", "forward")
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(quick=args.quick)
-    print(
-        f"{result['model']}: {result['prompts']} prompts in {result['batches']} batches of {result['batch_size']}, "
-        f"{result['seq_length']} tokens, {result['sites']} sites ({result['units']} units), {result['threads']} threads, "
-        f"median of {result['repetitions']} interleaved repetitions"
-    )
-    for name, seconds in result["median_s"].items():
-        print(f"  {name:7s} {seconds * 1000:9.1f} ms   {seconds / result['median_s']['plain']:.3f}x plain")
-    print(f"recording to memory / plain forward = {result['memory_over_plain']:.3f} (target <= 1.10)")
+def run(quick: bool = False, workloads=None) -> dict:
+    """Every workload (by default MiniLM and the zoo default, sized for ``quick``)."""
+    from .workloads import minilm_workload, zoo_workload
+
+    if workloads is None:
+        workloads = [minilm_workload(prompts=64 if quick else 256), zoo_workload(prompts=128 if quick else 512)]
+    repetitions = 3 if quick else 7
+    return {workload.key: run_workload(workload, repetitions) for workload in workloads}
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and repetitions")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the machine is shared)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for key, result in run(quick=args.quick).items():
+        print(key, json.dumps({name: result[name]["paired_median"] for name in ("record_vs_forward", "stats_vs_forward")}))

@@ -102,18 +102,81 @@ def _ranges(layers: list[int]) -> str:
     return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 else ",".join(map(str, layers))
 
 
+CLUSTER_OPTIONS = (
+    argument("--scheduler", metavar="ADDRESS", help="run on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786)"),
+    argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N worker processes"),
+)
+
+
+def _cluster(args):
+    """A Dask client when --scheduler or --workers asks for one, else a context holding None."""
+    import contextlib
+
+    if args.scheduler is None and args.workers is None:
+        return contextlib.nullcontext()
+    if args.scheduler is not None and args.workers is not None:
+        raise ReduceError("give --scheduler (an existing cluster) or --workers (a local one), not both", field="--workers")
+    from .distributed import cluster_client
+
+    return cluster_client(args.scheduler, args.workers)
+
+
 @command(
     "record",
     "record activations, the target and unit statistics of a condition into a run directory",
     CONDITION,
     argument("--out", required=True, metavar="RUN_DIR", help="run directory"),
     *MODEL_OPTIONS,
+    *CLUSTER_OPTIONS,
 )
 def record_command(args) -> None:
+    condition = _condition(args)  # a bad condition fails before torch is imported
     from .record import ACTIVATIONS, STATS, record
 
-    dataset = record(_condition(args), args.out, progress=not args.quiet)
+    with _cluster(args) as client:
+        if client is None:
+            dataset = record(condition, args.out, progress=not args.quiet)
+        else:
+            from .distributed import record_distributed
+
+            dataset = record_distributed(condition, args.out, client, progress=not args.quiet)
     print(f"recorded {dataset.sizes['prompt']} prompts: {os.path.join(args.out, ACTIVATIONS)}, {os.path.join(args.out, STATS)}")
+
+
+@command(
+    "fit-many",
+    "fit a reduced model for every unit of a site (each unit the target in turn), from one recording; on a Dask cluster with --scheduler/--workers",
+    CONDITION,
+    argument("--out", required=True, metavar="RUN_DIR", help="run directory; each fit goes to RUN_DIR/targets/SITE.UNIT/"),
+    argument("--neurons", required=True, metavar="SITE", help="the site whose units are the targets, e.g. blocks.1.mlp.hook_post"),
+    argument("--units", metavar="LIST", help="only these units: e.g. 0-15,40 (default: every unit of the site)"),
+    *MODEL_OPTIONS,
+    *CLUSTER_OPTIONS,
+)
+def fit_many_command(args) -> None:
+    condition = _condition(args)
+    from .distributed import FIT_MANY, fit_many, neuron_targets
+
+    targets = neuron_targets(condition, args.neurons, _unit_list(args.units) if args.units else None)
+    with _cluster(args) as client:
+        results = fit_many(condition, args.out, targets, client, progress=not args.quiet)
+    failed = {target: outcome["error"] for target, outcome in results.items() if "error" in outcome}
+    converged = sum(1 for outcome in results.values() if outcome.get("converged"))
+    print(f"{len(results)} targets: {converged} converged, {len(results) - converged - len(failed)} did not, {len(failed)} could not be fitted: {os.path.join(args.out, FIT_MANY)}")
+    for (site, unit), message in list(failed.items())[:10]:
+        print(f"  {site}[{unit}]: {message}")
+
+
+def _unit_list(text: str) -> list[int]:
+    """``0-3,7`` -> [0, 1, 2, 3, 7]."""
+    units: list[int] = []
+    try:
+        for piece in text.split(","):
+            low, _, high = piece.partition("-")
+            units.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ReduceError(f"expected unit numbers and ranges such as 0-15,40, got {text!r}", field="--units") from None
+    return units
 
 
 @command(
@@ -229,6 +292,26 @@ def zoo_command(args) -> None:
         raise ReduceError("name the zoo model to train (see `reduce zoo list`)", field="NAME")
     print(f"trained {args.name}: {train(args.name, out_dir=args.out, progress=not args.quiet)}")
 
+
+@command(
+    "universality",
+    "fit one condition on several models and compare their reduced models: filters, transfer, matching units",
+    CONDITION,
+    argument("--models", nargs="+", metavar="MODEL", help="zoo:NAME, folders or hub ids (default: every zoo model trained on the condition's task, except tiny)"),
+    argument("--out", required=True, metavar="DIR", help="output directory; each model is fitted in DIR/runs/NAME"),
+    argument("--splits", type=int, default=2, help="random half splits of the training prompts for the within-model ceiling (default 2)"),
+    argument("--top-k", type=int, default=10, help="circuit units per model to match across models (default 10)"),
+    argument("--match-threshold", type=float, default=0.8, help="activation correlation a unit match needs (default 0.8)"),
+    *MODEL_OPTIONS,
+)
+def universality_command(args) -> None:
+    from .universality import universality
+
+    headline = universality(_condition(args), args.models, args.out, progress=not args.quiet, n_splits=args.splits, top_k=args.top_k, match_threshold=args.match_threshold)
+    similarity, transfer, matches = headline["similarity"], headline["transfer"], headline["unit_matches"]
+    print(f"{len(headline['models'])} models: filter similarity {_fmt(similarity['mean_cross_model_halves'])} across models vs ceiling {_fmt(similarity['mean_ceiling'])}")
+    print(f"transfer ratio {_fmt(transfer['mean_ratio'])} (filters only {_fmt(transfer['mean_ratio_filter_only'])}); unit match rate {_fmt(matches['mean_match_rate'])}")
+    print(f"tables: {os.path.join(args.out, 'universality.md')}")
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)

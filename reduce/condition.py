@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,7 +38,10 @@ FAMILIES = ("bernoulli", "gaussian", "poisson")
 RESERVED_LABELS = frozenset({*PROMPT_KEYS, "prompt", "pos", "unit", "head", "d_head", "tokens", "length", "answer_id", "wrong_id", "token_start", "token_end", "target", "target_mask"})
 _NAME = re.compile(r"[a-z0-9_-]+")
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu)(:\d+)?")
+# The hub's rule for repository ids (minilm's names follow it too): [owner/]name of letters,
+# digits, '-', '_' and '.', at most 96 characters each.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 _REQUIRED = object()
 
 
@@ -206,7 +210,7 @@ def load_condition(path) -> Condition:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
-        raise ReduceError(f"invalid TOML: {exc}", file=path, field=f"line {line.group(1)}" if line else None) from None
+        raise ReduceError(f"invalid TOML: {exc}", file=path, field=f"line {line.group(1)}" if line else "end of file") from None
     return parse_condition(data, path)
 
 
@@ -244,13 +248,46 @@ def _model_location(name: str, base: Path, table: "_Table") -> str:
     """A local folder becomes an absolute path; zoo names, minilm and hub ids stay as written."""
     if name.startswith("zoo:"):
         return name
-    folder = Path(name).expanduser()
-    folder = folder if folder.is_absolute() else base / folder
-    if folder.is_dir():
-        return str(folder.resolve())
+    folder = _path_in(name, base, table.source, table.key("name"), expand_user=True)
+    if _is_dir(folder):
+        return str(folder)
     if name.startswith(("./", "../", "/", "~")):
-        raise ReduceError(f"local model folder {str(folder)!r} does not exist", file=table.source, field=table.key("name"))
+        raise ReduceError(f"local model folder {_shorten(str(folder))} does not exist", file=table.source, field=table.key("name"))
+    if not _HUB_ID.fullmatch(name):
+        raise ReduceError(f"{_shorten(name)} is neither zoo:NAME, minilm, an existing folder nor a hub id (owner/name)", file=table.source, field=table.key("name"))
     return name
+
+
+def _path_in(text: str, base: Path, source, field: str, *, expand_user: bool = False) -> Path:
+    """``text`` as an absolute path, relative to ``base`` (the condition's folder).
+
+    A string that cannot name a path (a NUL byte, an unknown ``~user``) is a ReduceError, not a
+    crash: a condition file is data and may hold anything.
+    """
+    try:
+        path = Path(text).expanduser() if expand_user else Path(text)
+        return (path if path.is_absolute() else base / path).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ReduceError(f"{_shorten(text)} is not a usable path: {exc}", file=source, field=field) from None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long for the file system: no such folder
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """``repr`` of a value for an error line, cut so one bad value cannot flood the terminal."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _check_device(device: str, source) -> str:
@@ -270,7 +307,7 @@ def _prompts(table: "_Table", base: Path) -> PromptSpec:
         for key in ("answer", "wrong", "counterfactual", "slots", "labels"):
             if table.has(key):
                 raise ReduceError(f"with prompts.file, {key} comes from the file (a .jsonl key per record)", file=table.source, field=table.key(key))
-        prompt_file = (base / file).resolve()
+        prompt_file = _path_in(file, base, table.source, "prompts.file")
         read_prompt_file(prompt_file, source=table.source, field="prompts.file")
         return PromptSpec(file=prompt_file, max_prompts=max_prompts)
     slots = _slots(table.table("slots", required=False))
@@ -380,8 +417,8 @@ def _check_site_pattern(pattern: str, source) -> None:
 def _ablation(table: "_Table", base: Path) -> AblationSpec:
     eval_text = table.string("eval_text", AblationSpec.eval_text)
     if eval_text != "zoo":
-        text_file = (base / eval_text).resolve()
-        if text_file.suffix != ".txt" or not text_file.is_file():
+        text_file = _path_in(eval_text, base, table.source, "ablation.eval_text")
+        if text_file.suffix != ".txt" or not _is_file(text_file):
             raise ReduceError(f"eval_text must be \"zoo\" or an existing .txt file; {str(text_file)!r} is not", file=table.source, field="ablation.eval_text")
         eval_text = str(text_file)
     spec = AblationSpec(
@@ -398,7 +435,7 @@ def _ablation(table: "_Table", base: Path) -> AblationSpec:
 
 def _fit(table: "_Table") -> FitSpec:
     threshold = table.raw("threshold", FitSpec.threshold)
-    if threshold != "auto" and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+    if threshold != "auto" and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
         raise ReduceError(f"expected a number or \"auto\", got {_describe(threshold)}", file=table.source, field="fit.threshold")
     spec = FitSpec(
         family=table.string("family", FitSpec.family, choices=FAMILIES),
@@ -459,7 +496,7 @@ class _Table:
                 raise ReduceError(f"unknown key {name!r}{_suggest(name, known)}", file=source, field=self.key(name))
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
+        return f"{self.prefix}{_toml_key(name)}"  # quoted as in TOML when not bare (e.g. an empty key)
 
     def has(self, name: str) -> bool:
         return name in self.data
@@ -556,6 +593,8 @@ def _is_number(value) -> bool:
 
 
 def _check_range(value, minimum, maximum, exclusive, source, where) -> None:
+    if value != value:  # TOML has nan; no setting means anything with it, and it passes every comparison
+        raise ReduceError("expected a number, got nan", file=source, field=where)
     low = minimum is not None and (value <= minimum if exclusive else value < minimum)
     high = maximum is not None and (value >= maximum if exclusive else value > maximum)
     if not (low or high):
@@ -671,11 +710,7 @@ def open_model(condition: Condition):
     from .models import load_model
 
     spec = condition.model
-    if spec.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ReduceError(f"device {spec.device!r} was asked for but torch sees no CUDA device", file=condition.path, field="model.device")
+    _check_device_present(spec.device, condition.path)
     return load_model(
         spec.name,
         device=spec.device,
@@ -685,6 +720,23 @@ def open_model(condition: Condition):
         device_map=spec.device_map or None,
         source=condition.path,
     )
+
+
+def _check_device_present(device: str, source) -> None:
+    """One line, not a traceback from deep in torch, when this machine lacks the device asked for."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index or 0) >= count:
+            raise ReduceError(f"device {device!r} was asked for but torch sees {count} CUDA device(s)", file=source, field="model.device")
+        return
+    backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+    if backend is None or not backend.is_available():
+        raise ReduceError(f"device {device!r} was asked for but torch has no {kind} device here", file=source, field="model.device")
 
 
 def resolve(condition: Condition, model=None) -> Resolved:

@@ -1,5 +1,7 @@
 """The one exception users see: a single line naming the file and the field at fault."""
 
+import functools
+
 
 class ReduceError(Exception):
     """A user-facing error. The CLI prints ``str(error)`` and exits with status 2.
@@ -15,3 +17,8 @@ class ReduceError(Exception):
         self.message = " ".join(str(message).split())  # one line, always
         where = ": ".join(p for p in (self.file, self.field) if p)
         super().__init__(f"{where}: {self.message}" if where else self.message)
+
+    def __reduce__(self):
+        # Keep file and field when the error crosses a process boundary (a Dask worker's task):
+        # the default would rebuild it from the formatted line alone.
+        return functools.partial(ReduceError, file=self.file, field=self.field), (self.message,)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ReduceError
 from .record import ACTIVATIONS
-from .store import atomic_path, atomic_write
+from .store import atomic_path, atomic_write, reading
 
 if TYPE_CHECKING:
     import pandas
@@ -46,7 +46,8 @@ def open_activations(run_dir):
     path = Path(run_dir) / ACTIVATIONS
     if not path.is_dir():
         raise ReduceError(f"no {ACTIVATIONS} here; run `reduce record CONDITION --out {run_dir}` first", file=run_dir, field="record")
-    return xr.open_zarr(path)
+    with reading(path, "record"):
+        return xr.open_zarr(path)
 
 
 def site_names(dataset) -> list[str]:
@@ -76,14 +77,15 @@ def inspect_unit(run_dir, site: str, unit: int, top: int = 20) -> UnitReport:
 
     run_dir = Path(run_dir)
     dataset = open_activations(run_dir)
-    values = unit_values(dataset, site, unit, source=run_dir)
+    with reading(run_dir / ACTIVATIONS, site):
+        values = unit_values(dataset, site, unit, source=run_dir)
+        texts = dataset["text"].values
+        tokens = dataset["tokens"].values
+        starts, ends = dataset["token_start"].values, dataset["token_end"].values
     real = ~np.isnan(values)
     flat = np.where(real, values, -np.inf).ravel()
     order = np.argsort(-flat, kind="stable")[: min(top, int(real.sum()))]
     prompts, positions = np.unravel_index(order, values.shape)
-    texts = dataset["text"].values
-    tokens = dataset["tokens"].values
-    starts, ends = dataset["token_start"].values, dataset["token_end"].values
     table = pd.DataFrame(
         {
             "value": values[prompts, positions],
@@ -125,7 +127,7 @@ def _bins(run_dir: Path) -> int:
     path = run_dir / STATS
     if not path.exists():
         return RecordSpec.bins
-    with xr.open_dataset(path, engine="h5netcdf") as stats:
+    with reading(path, "record"), xr.open_dataset(path, engine="h5netcdf") as stats:
         return int(stats.attrs.get("bins", RecordSpec.bins))
 
 
@@ -187,9 +189,10 @@ def rank_selectivity(run_dir, label: str, site_pattern: str = "*", *, values: tu
     labels = [name for name, coord in dataset.coords.items() if coord.dims == ("prompt",) and name not in ("prompt", "text", "length", "answer_id", "wrong_id")]
     if label not in labels:
         raise ReduceError(f"no prompt label {label!r}; labels of this run: {', '.join(labels) or 'none'}", file=run_dir, field="label")
-    per_prompt = np.asarray(dataset[label].values).astype(object)
+    with reading(run_dir / ACTIVATIONS, label):
+        per_prompt = np.asarray(dataset[label].values).astype(object)
+        mask = dataset["target_mask"].values
     first, second = _two_values(per_prompt, values, run_dir)
-    mask = dataset["target_mask"].values
     observed = np.repeat(per_prompt, mask.sum(1))
     group = np.concatenate([np.flatnonzero(observed == first), np.flatnonzero(observed == second)])
     n_first = int((observed == first).sum())
@@ -199,7 +202,8 @@ def rank_selectivity(run_dir, label: str, site_pattern: str = "*", *, values: tu
     rows = []
     for site in sites:
         variable = dataset[site]
-        activations = _at_mask(variable, mask)[group]  # (observations, units)
+        with reading(run_dir / ACTIVATIONS, site):
+            activations = _at_mask(variable, mask)[group]  # (observations, units)
         a, b = activations[:n_first], activations[n_first:]
         ranks = rankdata(activations, axis=0)
         auroc = (ranks[:n_first].sum(0) - n_first * (n_first + 1) / 2) / (len(a) * len(b))

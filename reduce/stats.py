@@ -76,19 +76,20 @@ class RunningStats:
         n = values.shape[0]
         if n == 0:
             return self
-        # Two passes in float64 (sum, then squared deviations) are exact enough and several
-        # times faster than torch.var_mean's per-element Welford update.
-        centred = values.to(torch.float64, copy=True)
-        mean = centred.sum(0) / n
-        m2 = centred.sub_(mean).square_().sum(0)
-        low, high = (v.double() for v in torch.aminmax(values, dim=0))
+        # amin / amax: torch.aminmax along dim 0 is about ten times slower on CPU.
+        low, high = values.amin(0).double(), values.amax(0).double()
         self._fit_window(torch.minimum(self._min, low), torch.maximum(self._max, high), arriving=torch.ones_like(self.count, dtype=torch.bool))
-        self._add_moments(torch.full_like(self.count, n), mean, m2, low, high)
-        # Scaling by a power of two is exact in the values' own precision, so the cells agree
-        # with float64 edges bit for bit.
-        cells = torch.floor_(values * torch.exp2(-self.level.double()).to(values.dtype)).long()
+        as_double = values.to(torch.float64, copy=True)
+        # Scaling by a power of two is exact, so the cells agree with float64 edges bit for bit;
+        # in float64 the scale stays finite even for float32 values near the smallest normal.
+        cells = torch.floor_(as_double * torch.exp2(-self.level.double())).long()
         cells += torch.arange(self.n_units, device=self.device) * self.bins - self.start
         self.histogram.view(-1).scatter_add_(0, cells.view(-1), self._ones(cells.numel()))
+        # Two passes in float64 (sum, then squared deviations) are exact enough and several
+        # times faster than torch.var_mean's per-element Welford update.
+        mean = as_double.sum(0) / n
+        m2 = as_double.sub_(mean).square_().sum(0)
+        self._add_moments(torch.full_like(self.count, n), mean, m2, low, high)
         return self
 
     def _ones(self, size: int) -> torch.Tensor:
@@ -147,7 +148,10 @@ class RunningStats:
         # Centre the data so later batches have room to grow either way before rebinning.
         start = first - (self.bins - (last - first + 1)) // 2
         rows = moving.nonzero()[:, 0]
-        self.histogram[rows] = _rebin(self.histogram[rows], self.level[rows], self.start[rows], level[rows], start[rows], self.bins)
+        # Units without counts have empty histograms: only their windows move (on a first batch, all of them).
+        filled = (moving & had_data).nonzero()[:, 0]
+        if len(filled):
+            self.histogram[filled] = _rebin(self.histogram[filled], self.level[filled], self.start[filled], level[filled], start[filled], self.bins)
         self.level[rows] = level[rows]
         self.start[rows] = start[rows]
 
@@ -283,7 +287,10 @@ def _smooth(rows: torch.Tensor) -> torch.Tensor:
     half = len(_SMOOTHING) // 2
     padded = torch.nn.functional.pad(rows, (half, half))
     width = rows.shape[1]
-    return sum(weight * padded[:, i : i + width] for i, weight in enumerate(_SMOOTHING)) / sum(_SMOOTHING)
+    smoothed = padded[:, :width] * _SMOOTHING[0]
+    for i, weight in enumerate(_SMOOTHING[1:], 1):
+        smoothed.add_(padded[:, i : i + width], alpha=weight)  # in place: no temporary per tap
+    return smoothed.div_(sum(_SMOOTHING))
 
 
 def _refined_mode(counts: torch.Tensor, first_value: torch.Tensor, last_value: torch.Tensor) -> torch.Tensor:

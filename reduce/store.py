@@ -56,6 +56,23 @@ def atomic_write(path, mode: str = "w"):
             os.fsync(handle.fileno())
 
 
+@contextmanager
+def reading(path, field: str | None = None):
+    """Report a run-directory file that cannot be read (truncated, corrupted, half a store) as a
+    ReduceError naming it, instead of a traceback from deep inside zarr or HDF5."""
+    try:
+        yield
+    except ReduceError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        detail = (str(error).splitlines() or [""])[0][:200]
+        raise ReduceError(
+            f"cannot be read ({type(error).__name__}: {detail}); it is damaged: rerun the stage that wrote it into a fresh run directory",
+            file=path,
+            field=field,
+        ) from None
+
+
 def write_json(path, data) -> None:
     with atomic_write(path) as handle:
         json.dump(data, handle, indent=2, sort_keys=True, default=_json_default)

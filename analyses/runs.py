@@ -1,0 +1,89 @@
+"""The runs the paper reads, made (or brought up to date) through the Python API.
+
+Every condition goes through :func:`reduce.pipeline.run` into ``runs/<name>``; the pipeline
+reuses each stage whose outputs match the condition, so a finished run costs a model load and a
+fresh report. The universality comparison goes through :func:`reduce.universality.universality`
+into ``runs/universality_<name>``, which reuses every model it has fitted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PaperCondition:
+    """A condition of the paper: its key in the numbers (``sva.…``), its file, and how the text names it."""
+
+    key: str
+    path: Path
+    label: str
+
+
+CONDITIONS = (
+    PaperCondition("sva", ROOT / "conditions" / "sva.toml", "SVA (zoo)"),
+    PaperCondition("twohop", ROOT / "conditions" / "twohop.toml", "two-hop (zoo)"),
+    PaperCondition("minilm", ROOT / "conditions" / "minilm_neuron.toml", "MiniLM neuron"),
+)
+# The condition whose model family the universality comparison spans (every zoo model of its corpus).
+UNIVERSALITY = CONDITIONS[0]
+
+
+def run_dir(runs: Path, condition: PaperCondition) -> Path:
+    """``runs/<condition file name>``, where ``reduce run`` puts a condition by default (the files are named after their conditions)."""
+    return Path(runs) / condition.path.stem
+
+
+def universality_dir(runs: Path, condition: PaperCondition = UNIVERSALITY) -> Path:
+    return Path(runs) / f"universality_{condition.key}"
+
+
+def when_free(action, directory: Path, *, log, wait: float, poll: float):
+    """``action()``, retried while another process holds ``directory`` (a run under way elsewhere), for up to ``wait`` s.
+
+    The pipeline and the universality comparison resume from whatever that process finished.
+    """
+    from reduce.errors import ReduceError
+
+    started = time.perf_counter()
+    while True:
+        try:
+            return action()
+        except ReduceError as error:
+            if error.field != "lock" or time.perf_counter() - started > wait:
+                raise
+            print(f"analyses: {directory} is in use by another process; checking again in {poll:.0f} s", file=log, flush=True)
+            time.sleep(poll)
+
+
+def ensure_runs(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> dict[str, Path]:
+    """Run (or resume, or reuse) every condition; return ``{key: run directory}``."""
+    from reduce.pipeline import run
+
+    directories = {}
+    for condition in CONDITIONS:
+        directory = run_dir(runs, condition)
+        started = time.perf_counter()
+        print(f"analyses: {condition.key}: reduce.pipeline.run({condition.path.name}) -> {directory}", file=log, flush=True)
+        when_free(partial(run, condition.path, directory, progress=False, log=log), directory, log=log, wait=wait, poll=poll)
+        print(f"analyses: {condition.key}: ready after {time.perf_counter() - started:.0f} s", file=log, flush=True)
+        directories[condition.key] = directory
+    return directories
+
+
+def ensure_universality(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> Path:
+    """Fit the universality condition on every zoo model of its corpus and compare them; return the directory."""
+    from reduce.universality import universality
+
+    directory = universality_dir(runs)
+    started = time.perf_counter()
+    print(f"analyses: universality of {UNIVERSALITY.key} over the zoo -> {directory}", file=log, flush=True)
+    when_free(partial(universality, UNIVERSALITY.path, None, directory, progress=False), directory, log=log, wait=wait, poll=poll)
+    print(f"analyses: universality ready after {time.perf_counter() - started:.0f} s", file=log, flush=True)
+    return directory
