@@ -17,6 +17,7 @@ from reduce.report import PREDICTORS, baseline_label, ordered_baselines
 from reduce.store import atomic_path
 
 from .runs import CONDITIONS
+from .tables import validated
 
 FILTER_PANELS = ("spatial.png", "temporal.png", "history.png")
 UNIVERSALITY_FIGURES = {"filters_overlay.png": "universality_filters.png", "similarity.png": "universality_similarity.png", "transfer.png": "universality_transfer.png"}
@@ -59,7 +60,7 @@ def faithfulness_figure(run_dirs: dict[str, Path], out: Path) -> Path:
     import seaborn as sns
 
     rows = []
-    for condition in CONDITIONS:
+    for condition in validated(run_dirs):
         validation = json.loads((run_dirs[condition.key] / "validation.json").read_text())
         for baseline in ordered_baselines(validation["baselines"]):
             for predictor in PREDICTORS:

@@ -12,10 +12,24 @@ import json
 from pathlib import Path
 
 import numpy as np
-from reduce.report import CONTROLS, RunFiles, baseline_label, metric_label, ordered_baselines, parameter_count, target_description
+from reduce.report import RunFiles, baseline_label, metric_label, ordered_baselines, parameter_count, strings, target_description
 
 from .anchors import ANCHORS
 from .runs import CONDITIONS, PaperCondition
+
+
+# What each control removes, as the text names it ("the costliest removal is the …").
+CONTROL_NOUNS = {
+    "no_history": "history term",
+    "no_spatial": "spatial filter's shape",
+    "no_temporal": "temporal filter's shape",
+    "no_sign": "excitatory/inhibitory split",
+}
+FAMILY_WORDS = {
+    "gaussian": "Gaussian (continuous-target)",
+    "bernoulli": "Bernoulli (target-above-threshold)",
+    "poisson": "Poisson (count-target)",
+}
 
 
 def flatten(prefix: str, value) -> dict:
@@ -34,7 +48,6 @@ def condition_numbers(condition: PaperCondition, run_dir: Path) -> dict:
 
     run = RunFiles(Path(run_dir))
     fit, validation = run.fit, run.validation
-    summary = json.loads((run.path / "summary.json").read_text())
     reduced = ReducedModel.load(run.require("reduced.nc"))
     metric = fit["metric"]
     numbers = {
@@ -48,7 +61,7 @@ def condition_numbers(condition: PaperCondition, run_dir: Path) -> dict:
         "prompts": int(run.activations.sizes["prompt"]),
         "train_prompts": fit["train_prompts"],
         "test_prompts": fit["test_prompts"],
-        "family": fit["family"],
+        "family": FAMILY_WORDS[fit["family"]],
         "metric": metric_label(metric),
         "held_out": fit["held_out"][metric] if fit["held_out"] else None,
         "held_out_low": fit["interval"][metric][0] if fit.get("interval") else None,
@@ -60,7 +73,7 @@ def condition_numbers(condition: PaperCondition, run_dir: Path) -> dict:
         "history_lags": run.condition.fit.history_lags,
         "spatial_basis": run.condition.fit.spatial_basis,
         "temporal_basis": run.condition.fit.temporal_basis,
-        "auroc": thresholded_auroc(run, reduced) if metric != "auroc" else (fit["held_out"] or {}).get("auroc"),
+        "auroc": (thresholded_auroc(run, reduced) if metric != "auroc" else fit["held_out"]["auroc"]) if fit["held_out"] else None,
     }
     if run.condition.model.name.startswith("zoo:"):
         numbers.update(zoo_numbers(run.condition.model.name.removeprefix("zoo:")))
@@ -70,8 +83,10 @@ def condition_numbers(condition: PaperCondition, run_dir: Path) -> dict:
     numbers["circuit.held_out"] = (fit["circuit"].get("held_out") or {}).get(metric)
     if validation is not None:
         numbers.update(faithfulness_numbers(validation))
-    if summary.get("degradation"):
-        numbers.update(degradation_numbers(summary["degradation"]))
+    if run.ablations is not None and "random" in strings(run.ablations["plan"]):
+        from reduce.ablate import degradation_table
+
+        numbers.update(degradation_numbers(degradation_table(run.ablations)))
     return {f"{condition.key}.{key}": value for key, value in numbers.items()}
 
 
@@ -90,7 +105,7 @@ def control_numbers(fit: dict) -> dict:
         numbers[f"control.{name}.metric"] = control["metric"]
         numbers[f"control.{name}.drop"] = control["drop"]
     largest = max(fit["controls"], key=lambda name: fit["controls"][name]["drop"])
-    numbers["control.largest"] = CONTROLS[largest]
+    numbers["control.largest"] = CONTROL_NOUNS[largest]
     numbers["control.largest_drop"] = fit["controls"][largest]["drop"]
     return numbers
 
@@ -116,11 +131,11 @@ def faithfulness_numbers(validation: dict) -> dict:
     return numbers
 
 
-def degradation_numbers(degradation: dict) -> dict:
+def degradation_numbers(table) -> dict:
     """Seed 004's Table 2 cells as ``degradation.METRIC.LEVEL.BASELINE`` (LEVEL: ``clean``, ``50``, ``90``),
     plus ``….best``, the label of the least degrading baseline per metric and pruning level.
 
-    ``degradation``: ``summary.json``'s ``{metric label: {pruning: {baseline label: [mean, sd]}}}``.
+    ``table``: :func:`reduce.ablate.degradation_table` of one model (metric, pruning, baseline, mean, sd).
     """
     from reduce.ablate import DEGRADATION_METRICS
     from reduce.baselines import Baseline
@@ -129,18 +144,16 @@ def degradation_numbers(degradation: dict) -> dict:
     metric_key = {label: name for name, (label, _) in DEGRADATION_METRICS.items()}
     baseline_key = {b.label: b.value for b in Baseline}
     numbers = {}
-    for metric, by_pruning in degradation.items():
-        for pruning, by_baseline in by_pruning.items():
-            prefix = f"degradation.{metric_key.get(metric, metric)}.{'clean' if pruning == 'Baseline' else pruning.split('%')[0]}"
-            if pruning == "Baseline":
-                (mean, _), = by_baseline.values()
-                numbers[prefix] = mean
-                continue
-            for label, (mean, sd) in by_baseline.items():
-                numbers[f"{prefix}.{baseline_key[label]}"] = mean
-                numbers[f"{prefix}.{baseline_key[label]}.sd"] = sd
-            pick = max if higher_is_better.get(metric, True) else min
-            numbers[f"{prefix}.best"] = pick(by_baseline, key=lambda label: by_baseline[label][0])
+    for (metric, pruning), rows in table.groupby(["metric", "pruning"], sort=False):
+        prefix = f"degradation.{metric_key[metric]}.{'clean' if pruning == 'Baseline' else pruning.split('%')[0]}"
+        if pruning == "Baseline":
+            numbers[prefix] = float(rows["mean"].iloc[0])
+            continue
+        for row in rows.itertuples():
+            numbers[f"{prefix}.{baseline_key[row.baseline]}"] = float(row.mean)
+            numbers[f"{prefix}.{baseline_key[row.baseline]}.sd"] = float(row.sd)
+        best = rows["mean"].idxmax() if higher_is_better[metric] else rows["mean"].idxmin()
+        numbers[f"{prefix}.best"] = rows.loc[best, "baseline"]
     return numbers
 
 

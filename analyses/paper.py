@@ -99,7 +99,7 @@ def build(runs: Path, paper: Path, *, log=sys.stderr) -> Path:
 
     template_path = paper / "paper.template.md"
     check_template(template_path)  # before hours of runs, not after
-    run_dirs = ensure_runs(runs, log=log)
+    run_dirs, stopped = ensure_runs(runs, log=log)
     universality_dir = ensure_universality(runs, log=log)
 
     # Imported after the runs, which can take hours: the build reads the code and the template as they are now.
@@ -122,6 +122,8 @@ def build(runs: Path, paper: Path, *, log=sys.stderr) -> Path:
     title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("# ")), "paper")
     with atomic_write(paper / "paper.html") as handle:
         handle.write(markdown_to_html(text, base_dir=paper, title=title))
+    for key, reason in stopped.items():
+        print(f"analyses: {key} stopped early, the paper reports what it has: {reason}", file=log)
     print(f"analyses: wrote {paper / 'paper.md'}, {paper / 'paper.html'}, {len(figures)} figures, {len(tables)} tables, {len(numbers)} numbers", file=log)
     return paper / "paper.md"
 

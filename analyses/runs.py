@@ -62,19 +62,33 @@ def when_free(action, directory: Path, *, log, wait: float, poll: float):
             time.sleep(poll)
 
 
-def ensure_runs(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> dict[str, Path]:
-    """Run (or resume, or reuse) every condition; return ``{key: run directory}``."""
-    from reduce.pipeline import run
+def ensure_runs(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> tuple[dict[str, Path], dict[str, str]]:
+    """Run (or resume, or reuse) every condition; return ``{key: run directory}`` and ``{key: why its run stopped}``.
 
-    directories = {}
+    A condition whose pipeline stops with a :class:`~reduce.errors.ReduceError` (a reduced model
+    that does not converge cannot be validated) keeps what its finished stages wrote, gets a
+    report of those, and the paper says what is missing; any other exception is a bug and stops the build.
+    """
+    from reduce.errors import ReduceError
+    from reduce.pipeline import run
+    from reduce.report import write_report
+
+    directories, stopped = {}, {}
     for condition in CONDITIONS:
         directory = run_dir(runs, condition)
         started = time.perf_counter()
         print(f"analyses: {condition.key}: reduce.pipeline.run({condition.path.name}) -> {directory}", file=log, flush=True)
-        when_free(partial(run, condition.path, directory, progress=False, log=log), directory, log=log, wait=wait, poll=poll)
+        try:
+            when_free(partial(run, condition.path, directory, progress=False, log=log), directory, log=log, wait=wait, poll=poll)
+        except ReduceError as error:
+            if not (directory / "fit.json").exists():
+                raise
+            stopped[condition.key] = str(error)
+            write_report(directory)
+            print(f"analyses: {condition.key}: stopped after the fit: {error}", file=log, flush=True)
         print(f"analyses: {condition.key}: ready after {time.perf_counter() - started:.0f} s", file=log, flush=True)
         directories[condition.key] = directory
-    return directories
+    return directories, stopped
 
 
 def ensure_universality(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> Path:

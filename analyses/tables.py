@@ -21,7 +21,7 @@ def reduced_models_table(numbers: dict) -> str:
                 f"`{n['model']}` ({n['layers']} layers)",
                 n["target"],
                 f"{n['train_prompts']} / {n['test_prompts']}",
-                f"{n['metric']} {number(n['held_out'])} [{number(n['held_out_low'])}, {number(n['held_out_high'])}]",
+                f"{n['metric']} {number(n['held_out'])} [{number(n['held_out_low'])}, {number(n['held_out_high'])}]" if n["held_out"] is not None else "did not converge",
                 number(n["auroc"]),
                 n["parameters"],
                 f"{n['circuit.selected_units']} ({n['circuit.selected_synapses']} synapses)",
@@ -33,7 +33,9 @@ def reduced_models_table(numbers: dict) -> str:
 
 def controls_table(numbers: dict) -> str:
     """Drop of the held-out score when one part of the reduced model is removed, per condition."""
-    rows = [(f"{text}", *(signed(numbers.get(f"{c.key}.control.{name}.drop")) for c in CONDITIONS)) for name, text in CONTROLS.items()]
+    # a control's drop is measured from the full model's held-out score, which an unconverged fit lacks
+    converged = {c.key: numbers[f"{c.key}.held_out"] is not None for c in CONDITIONS}
+    rows = [(text, *(signed(numbers.get(f"{c.key}.control.{name}.drop")) if converged[c.key] else "–" for c in CONDITIONS)) for name, text in CONTROLS.items()]
     return markdown_table(["control", *(f"{c.label} ({numbers[f'{c.key}.metric']})" for c in CONDITIONS)], rows, align="l" + "r" * len(CONDITIONS))
 
 
@@ -48,10 +50,15 @@ def degradation_table(run_dirs: dict[str, Path]) -> str:
     return degradation_markdown(table_of(ablations)).rstrip()
 
 
+def validated(run_dirs: dict[str, Path]) -> list:
+    """The conditions whose run got as far as counterfactual validation."""
+    return [condition for condition in CONDITIONS if (run_dirs[condition.key] / "validation.json").exists()]
+
+
 def faithfulness_table(run_dirs: dict[str, Path]) -> str:
     """Per condition and baseline: Spearman ρ of each predictor, the compensation gap, the size of the actual effect."""
     rows = []
-    for condition in CONDITIONS:
+    for condition in validated(run_dirs):
         validation = json.loads((run_dirs[condition.key] / "validation.json").read_text())
         for index, baseline in enumerate(ordered_baselines(validation["baselines"])):
             scores = validation["baselines"][baseline]

@@ -8,8 +8,8 @@ scaling of ``reduce record`` with prompts and units, including ``peak_memory_gro
 GLM (:mod:`bench.glm`). Every timing is interleaved with the arms it is compared to and reported
 as medians and ratios (:mod:`bench.timing`).
 
-Writes ``bench/results/latest.json`` (``--quick``: also ``bench/results/quick.json``) and
-``bench/results/scaling.png``, and prints the ratio table. A benchmark that fails is reported in
+Writes ``bench/results/latest.json`` (``--quick``: also ``bench/results/quick.json``; a full
+run: also ``bench/results/scaling.png``), and prints the ratio table. A benchmark that fails is reported in
 ``errors`` and its ratios as not measured; the others still run.
 
 ``--quick`` (a smoke run): fewer prompts and repetitions, one batch per model, no GPT-2 small,
@@ -76,9 +76,11 @@ def main(argv=None) -> int:
     benchmarks: dict = {}
     errors: dict = {}
     progress: dict = {}
+    progress_cpu: dict = {}
+    running = results / "running.json.tmp"
 
     def stage(name: str, function):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:
             benchmarks[name] = function()
@@ -86,7 +88,10 @@ def main(argv=None) -> int:
             errors[name] = f"{type(error).__name__}: {error}"
             traceback.print_exc(file=sys.stderr)
         progress[name] = round(time.perf_counter() - began, 1)
-        print(f"[bench] {name}: {progress[name]} s", file=sys.stderr, flush=True)
+        progress_cpu[name] = round(time.process_time() - began_cpu, 1)
+        print(f"[bench] {name}: {progress[name]} s ({progress_cpu[name]} s CPU)", file=sys.stderr, flush=True)
+        # What has finished so far, in case the run is stopped (ignored by git; removed at the end).
+        write_json({"mode": mode, "complete": False, "machine": machine, "stage_seconds": progress, "benchmarks": benchmarks, "errors": errors}, running)
 
     workloads = {}
 
@@ -116,15 +121,17 @@ def main(argv=None) -> int:
         stage("record_overhead", per_workload(record_overhead, full_record=sizes["full_record_arm"]))
         stage("peers", per_workload(peers, keys=sizes["peer_models"]))
         stage("peak", lambda: peak.run(args.quick, workload=workloads["zoo"]))
-    stage("scaling", lambda: scaling.summarise(probe or scaling.launch(args.quick, threads=args.threads), plot_path=results / "scaling.png"))
+    # Only a full run draws bench/results/scaling.png (a quick run's few points would replace it).
+    stage("scaling", lambda: scaling.summarise(probe or scaling.launch(args.quick, threads=args.threads), plot_path=None if args.quick else results / "scaling.png"))
     stage("ablation", lambda: ablation.run(args.quick))
     stage("glm", lambda: glm.run(args.quick))
 
     seconds = time.perf_counter() - started
     machine["load_average_at_end"] = load_average()
-    settings = {"torch_threads": args.threads, "quick": args.quick, "sizes": sizes, "stage_seconds": progress}
+    settings = {"torch_threads": args.threads, "quick": args.quick, "sizes": sizes, "stage_seconds": progress, "stage_cpu_seconds": progress_cpu, "cpu_seconds": time.process_time()}
     report = document(mode=mode, machine=machine, settings=settings, benchmarks=benchmarks, errors=errors, started=started_at, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=seconds)
     latest = write_json(report, results / "latest.json")
+    running.unlink(missing_ok=True)
     if args.quick:
         shutil.copyfile(latest, results / "quick.json.tmp")
         os.replace(results / "quick.json.tmp", results / "quick.json")

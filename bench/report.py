@@ -65,7 +65,7 @@ def goal_rows(benchmarks: dict, errors: dict) -> list[Row]:
                 rows.append(Row(ratio, model, goal, None, None, f"cannot run: {result['not_run'][peer]}"))
                 continue
             summary = result["peers"][peer]
-            rows.append(_row(ratio, model, goal, summary["vs_record"]["paired_median"], f"faster peer arm: {summary['vs_record']['numerator']}; full forward {summary['full_forward_vs_record']['paired_median']:.2f}"))
+            rows.append(_row(ratio, model, goal, summary["vs_record"]["paired_median"], f"arm {summary['vs_record']['numerator']}; full forward {summary['full_forward_vs_record']['paired_median']:.2f}, stopped after the last block {summary['stopped_vs_record']['paired_median']:.2f}; CPU {summary['vs_record']['cpu']:.2f}"))
     if peers is not None:
         for model, result in peers.items():
             if "transformerlens_stats_vs_ours" in result:

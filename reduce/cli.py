@@ -310,8 +310,10 @@ def universality_command(args) -> None:
     headline = universality(_condition(args), args.models, args.out, progress=not args.quiet, n_splits=args.splits, top_k=args.top_k, match_threshold=args.match_threshold)
     similarity, transfer, matches = headline["similarity"], headline["transfer"], headline["unit_matches"]
     print(f"{len(headline['models'])} models: filter similarity {_fmt(similarity['mean_cross_model_halves'])} across models vs ceiling {_fmt(similarity['mean_ceiling'])}")
-    print(f"transfer ratio {_fmt(transfer['mean_ratio'])} (filters only {_fmt(transfer['mean_ratio_filter_only'])}); unit match rate {_fmt(matches['mean_match_rate'])}")
+    print(f"transfer ratio {_fmt(transfer['mean_ratio'])} (filters only {_fmt(transfer['mean_ratio_filter_only'])})")
+    print(f"unit match rate {_fmt(matches['mean_match_rate'])} (random units {_fmt(matches['mean_null_match_rate'])}); partners in the other circuit {_fmt(matches['mean_partner_in_circuit'])}")
     print(f"tables: {os.path.join(args.out, 'universality.md')}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)

@@ -453,7 +453,7 @@ def important_units(run: RunFiles, n: int = TOP_UNITS) -> tuple[list[int], str]:
     from .universality import circuit_units
 
     chosen = circuit_units(run.circuit, run.feature_map)[:n].tolist()
-    ranking = f"the circuit's {len(chosen)} strongest units by Σ |coefficient| × unit spread"
+    ranking = f"the circuit's {len(chosen)} strongest unit{'' if len(chosen) == 1 else 's'} by Σ |coefficient| × unit spread"
     if len(chosen) < n:
         synapses = run.feature_map
         strength = (synapses["weight"].values * synapses["spread"].values[:, None]).max(axis=1)

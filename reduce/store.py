@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +114,7 @@ class RunDir:
                 handle.close()
                 raise ReduceError("another reduce process is using this run directory; wait for it or choose another --out", file=self.path, field="lock") from None
             held = _HELD[key] = [handle, 0]
+            _remove_stale_temporaries(self.path)
         held[1] += 1  # a stage called inside the pipeline re-enters the lock this process holds
         self._key = key
         return self
@@ -146,6 +148,30 @@ class RunDir:
         stages = self._stages()
         if stages.pop(stage, None) is not None:
             write_json(self.path / "stages.json", stages)
+
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.(tmp|old)")  # atomic_path's and replace_path's names
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporaries that a killed process left mid-write (atomic_path's ``.NAME.PID.tmp``, a
+    directory moved aside as ``.NAME.PID.old``): garbage once their process is gone. Stores are
+    not searched; zarr writes their chunks atomically itself."""
+    for folder, subfolders, files in os.walk(run_dir):
+        stale = [name for name in (*subfolders, *files) if (match := _TEMPORARY.fullmatch(name)) and not _alive(int(match.group(1)))]
+        for name in stale:
+            remove_path(Path(folder) / name)
+        subfolders[:] = [name for name in subfolders if name not in stale and not name.endswith((".zarr", ".partial"))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def remove_path(path: Path) -> None:

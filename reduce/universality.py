@@ -49,8 +49,8 @@ from sklearn.base import clone
 from .condition import Condition, load_condition
 from .errors import ReduceError
 from .features import GroupedFeatures
-from .models import resolve_model_path
 from .fit import fit, split_prompts
+from .models import resolve_model_path
 from .progress import progress_bar
 from .record import ACTIVATIONS, STATS
 from .reduced import PRIMARY_METRIC, ReducedModel, UnitGLM, evaluate, sample_blocks
@@ -59,10 +59,12 @@ from .store import RunDir, atomic_write, fingerprint, write_json, write_netcdf
 RUNS = "runs"
 HALVES = "split_halves.nc"
 HALVES_STAGE = "universality_halves"
+HALVES_FORMAT = 2  # part of the cache key: a split_halves.nc written by older code is recomputed
 CHANCE = {"auroc": 0.5, "r2": 0.0, "deviance_explained": 0.0}
 # A tiny ridge on the standardised drive keeps the 1-D refit finite when a Bernoulli target is
 # perfectly separated; elsewhere it shrinks the scale by about one part in 10⁴.
 REFIT_RIDGE = 1e-4
+NULL_MULTIPLE = 5  # random units per circuit unit for the chance level of a unit match
 SIMILARITY_MEASURE = "cosine of the flattened contribution filter F(group, distance, lag) × input spread, on the grid both models share"
 NORMALISATION = (
     "Filters are compared and drawn as contribution filters, C_g(d, l) = F_g(d, l) × the standard deviation of "
@@ -198,21 +200,30 @@ def prompt_halves(blocks, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray
 def half_filters(model: ReducedModel, train: xr.Dataset, *, n_splits: int = 2, seed: int = 0) -> xr.Dataset:
     """Refit ``model``'s estimator (same settings, its own cross-validated α) on each half of each split.
 
-    Returns ``filter`` (split, half, group, distance, lag) and ``converged`` (split, half).
+    Returns ``filter`` (split, half, group, distance, lag), ``converged`` and ``failed`` (split,
+    half). A half that cannot be fitted at all (one class only, or a numerically singular
+    problem) is ``failed``, with a NaN filter, rather than the end of the comparison.
     """
     blocks = sample_blocks(train)
-    filters, converged = [], []
+    filters, converged, failed = [], [], []
     for halves in prompt_halves(blocks, n_splits, seed):
         pair = []
         for half in halves:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # non-convergence is recorded in ``converged``
-                refit = clone(model).fit(train.isel(sample=np.isin(blocks, half)))
-            pair.append(refit.filter_)
-            converged.append(refit.converged_)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # non-convergence is recorded in ``converged``
+                    refit = clone(model).fit(train.isel(sample=np.isin(blocks, half)))
+                pair.append(refit.filter_)
+                converged.append(refit.converged_)
+                failed.append(False)
+            except (ReduceError, np.linalg.LinAlgError):
+                pair.append(xr.full_like(model.filter_, np.nan))
+                converged.append(False)
+                failed.append(True)
         filters.append(xr.concat(pair, dim="half"))
     filter_ = xr.concat(filters, dim="split").assign_coords(split=np.arange(n_splits), half=[0, 1])
-    return xr.Dataset({"filter": filter_, "converged": (("split", "half"), np.reshape(converged, (n_splits, 2)))}, attrs={"seed": seed})
+    status = {name: (("split", "half"), np.reshape(values, (n_splits, 2))) for name, values in (("converged", converged), ("failed", failed))}
+    return xr.Dataset({"filter": filter_, **status}, attrs={"seed": seed})
 
 
 def cross_half_similarity(halves_a: xr.DataArray, halves_b: xr.DataArray) -> float:
@@ -430,23 +441,23 @@ def universality(condition, models, out_dir, *, progress: bool = True, n_splits:
         resolve_model_path(model, field="models")
     out_dir = Path(out_dir)
     with RunDir(out_dir):
-        runs = []
+        runs, halves = [], []
         bar = progress_bar(list(zip(names, models)), desc="universality", enabled=progress)
         for name, model in bar:
             bar.set_postfix_str(f"fit {name}")
             model_condition = condition_for(condition, model)
             fit(model_condition, out_dir / RUNS / name, progress=progress)
-            run = load_run(model_condition, name, model, out_dir / RUNS / name)
+            runs.append(load_run(model_condition, name, model, out_dir / RUNS / name))
             bar.set_postfix_str(f"split halves {name}")
-            runs.append((run, _cached_half_filters(run, n_splits, seed)))
-        similarity = _similarity(runs)
-        transfer = _transfer([run for run, _ in runs], progress)
-        matches = _unit_matches([run for run, _ in runs], top_k, match_threshold, progress)
-        headline = _headline(condition, [run for run, _ in runs], similarity, transfer, matches, n_splits)
+            halves.append(_cached_half_filters(runs[-1], n_splits, seed))
+        similarity = _similarity(runs, halves)
+        transfer = _transfer(runs, progress)
+        matches = _unit_matches(runs, top_k, match_threshold, progress, seed)
+        headline = _headline(condition, runs, similarity, transfer, matches, n_splits)
         write_netcdf(similarity, out_dir / "similarity.nc")
         write_netcdf(transfer, out_dir / "transfer.nc")
         write_netcdf(matches, out_dir / "unit_matches.nc")
-        _figures([run for run, _ in runs], similarity, transfer, matches, out_dir)
+        _figures(runs, similarity, transfer, matches, out_dir)
         with atomic_write(out_dir / "universality.md") as handle:
             handle.write(markdown(headline, similarity, transfer, matches))
         write_json(out_dir / "universality.json", headline)
@@ -458,7 +469,7 @@ def _cached_half_filters(run: FittedRun, n_splits: int, seed: int) -> xr.Dataset
     digest = hashlib.sha256()
     for output in ("reduced.nc", "feature_map.nc"):
         digest.update((run.run_dir / output).read_bytes())
-    key = fingerprint(digest.hexdigest(), n_splits, seed)
+    key = fingerprint(digest.hexdigest(), n_splits, seed, HALVES_FORMAT)
     with RunDir(run.run_dir) as directory:
         if directory.is_done(HALVES_STAGE, key, outputs=(HALVES,)):
             return xr.load_dataset(run.run_dir / HALVES, engine="h5netcdf")
@@ -474,22 +485,23 @@ def _pairwise(names, function, dims=("model", "model2")) -> xr.DataArray:
     return xr.DataArray(values, dims=dims, coords={dims[0]: names, dims[1]: names})
 
 
-def _similarity(runs) -> xr.Dataset:
-    names = [run.name for run, _ in runs]
-    contributions = [contribution_filter(run.reduced, run.spread) for run, _ in runs]
-    halves = [contribution_filter(h["filter"], run.spread) for run, h in runs]
-    raw = [run.reduced.filter_ for run, _ in runs]
+def _similarity(runs: list[FittedRun], halves: list[xr.Dataset]) -> xr.Dataset:
+    names = [run.name for run in runs]
+    contributions = [contribution_filter(run.reduced, run.spread) for run in runs]
+    half_contributions = [contribution_filter(h["filter"], run.spread) for run, h in zip(runs, halves)]
+    raw = [run.reduced.filter_ for run in runs]
     dataset = xr.Dataset(
         {
             "similarity": _pairwise(names, lambda i, j: cosine(contributions[i], contributions[j])),
-            "similarity_halves": _pairwise(names, lambda i, j: cross_half_similarity(halves[i], halves[j])),
+            "similarity_halves": _pairwise(names, lambda i, j: cross_half_similarity(half_contributions[i], half_contributions[j])),
             "spatial_similarity": _pairwise(names, lambda i, j: spatial_similarity(contributions[i], contributions[j])),
             "temporal_similarity": _pairwise(names, lambda i, j: temporal_similarity(contributions[i], contributions[j])),
             "raw_filter_similarity": _pairwise(names, lambda i, j: cosine(raw[i], raw[j])),
         }
     )
     dataset["ceiling"] = ("model", np.diag(dataset["similarity_halves"].values).copy())
-    dataset["halves_converged"] = ("model", [bool(h["converged"].all()) for _, h in runs])
+    dataset["halves_converged"] = ("model", [bool(h["converged"].all()) for h in halves])
+    dataset["halves_failed"] = ("model", [int(h["failed"].sum()) for h in halves])
     dataset.attrs.update(
         measure=SIMILARITY_MEASURE,
         similarity="fits on all training prompts (diagonal 1 by definition)",
@@ -497,7 +509,7 @@ def _similarity(runs) -> xr.Dataset:
         spatial_similarity="cosine of the contribution filters' rank-1 spatial profiles (group, distance)",
         temporal_similarity="cosine of the contribution filters' rank-1 temporal profiles (group, lag), groups alive in both",
         raw_filter_similarity="cosine of the fitted filters F themselves, for reference: dominated by cells whose input never varies",
-        n_splits=int(runs[0][1].sizes["split"]),
+        n_splits=int(halves[0].sizes["split"]),
     )
     return dataset
 
@@ -540,7 +552,20 @@ def _own_metric(run: FittedRun) -> float:
     return float(held_out[run.summary["metric"]]) if held_out else float("nan")
 
 
-def _unit_matches(runs, top_k: int, threshold: float, progress: bool) -> xr.Dataset:
+def null_units(kinds: np.ndarray, top: np.ndarray, circuit: np.ndarray, rng, multiple: int = NULL_MULTIPLE) -> np.ndarray:
+    """Random units outside the circuit, ``multiple`` times as many of each kind as ``top`` holds.
+
+    Their match rate is the chance level of a match: in small models on a small vocabulary, many
+    units follow token identity, so a high-correlation partner can exist for almost any unit.
+    """
+    chosen = [np.zeros(0, dtype=int)]
+    for kind in np.unique(kinds[top]):
+        pool = np.setdiff1d(np.flatnonzero(kinds == kind), circuit)
+        chosen.append(rng.choice(pool, size=min(multiple * int((kinds[top] == kind).sum()), pool.size), replace=False))
+    return np.concatenate(chosen)
+
+
+def _unit_matches(runs, top_k: int, threshold: float, progress: bool, seed: int = 0) -> xr.Dataset:
     names = [run.name for run in runs]
     n = len(runs)
     top = [run.circuit_units[:top_k] for run in runs]
@@ -551,10 +576,14 @@ def _unit_matches(runs, top_k: int, threshold: float, progress: bool) -> xr.Data
     # first every model's top circuit columns, then each model's full activity as the partner side.
     involved = np.flatnonzero(comparable.any(axis=0) | comparable.any(axis=1))
     special = {i: special_tokens_of(runs[i].model) for i in involved}
-    circuit_columns = {}
+    null_rate = np.full((n, n), np.nan)
+    circuit_columns, null_columns = {}, {}
+    rng = np.random.default_rng(seed)
     for i in progress_bar(np.flatnonzero(comparable.any(axis=1)), desc="circuit units", enabled=progress):
         activity, kinds = unit_activity(runs[i].run_dir, special[i])
         circuit_columns[i] = (activity[:, top[i]], kinds[top[i]])
+        null = null_units(kinds, top[i], runs[i].circuit_units, rng)
+        null_columns[i] = (activity[:, null], kinds[null])
     for j in progress_bar(np.flatnonzero(comparable.any(axis=0)), desc="unit matches", enabled=progress):
         activity, kinds = unit_activity(runs[j].run_dir, special[j])
         for i in np.flatnonzero(comparable[:, j]):
@@ -562,6 +591,9 @@ def _unit_matches(runs, top_k: int, threshold: float, progress: bool) -> xr.Data
             found, r = best_partners(columns, activity, column_kinds, kinds)
             partner[i, j, : found.size], partner_r[i, j, : found.size] = found, r
             in_circuit[i, j, : found.size] = np.isin(found, runs[j].circuit_units)
+            columns, column_kinds = null_columns[i]
+            if column_kinds.size:
+                null_rate[i, j] = float((best_partners(columns, activity, column_kinds, kinds)[1] > threshold).mean())
     matched = partner_r > threshold
     counts = np.array([len(units) for units in top])
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -575,6 +607,7 @@ def _unit_matches(runs, top_k: int, threshold: float, progress: bool) -> xr.Data
         {
             "match_rate": (("model", "model2"), match_rate),
             "partner_in_circuit": (("model", "model2"), partner_in_circuit),
+            "null_match_rate": (("model", "model2"), null_rate),
             "comparable": (("model", "model2"), comparable),
             "circuit_unit": (("model", "rank"), circuit_unit),
             "circuit_size": ("model", [run.circuit_units.size for run in runs]),
@@ -588,6 +621,7 @@ def _unit_matches(runs, top_k: int, threshold: float, progress: bool) -> xr.Data
             "top_k": top_k,
             "match_rate": "share of model's top-k circuit units (by |coef| x spread) whose best partner of the same kind in model2 has r > threshold (|r| for attention units), over every counted token of the same prompts",
             "partner_in_circuit": "share of those matched units whose partner is in model2's circuit",
+            "null_match_rate": f"the same match rate for {NULL_MULTIPLE}x as many random non-circuit units of model, of the same kinds: the chance level",
             "comparable": "the two models tokenise every prompt identically (the diagonal is left out)",
             "units": "global unit indices: rows of each run's unit table (stats.nc); -1 where a circuit has fewer than top_k units",
         },
@@ -636,6 +670,7 @@ def _headline(condition: Condition, runs, similarity: xr.Dataset, transfer: xr.D
             "top_k": matches.attrs["top_k"],
             "comparable_pairs": int(matches["comparable"].values.sum()),
             "mean_match_rate": _mean(matches["match_rate"].values),
+            "mean_null_match_rate": _mean(matches["null_match_rate"].values),
             "mean_partner_in_circuit": _mean(matches["partner_in_circuit"].values),
         },
         "per_model": {
@@ -647,6 +682,7 @@ def _headline(condition: Condition, runs, similarity: xr.Dataset, transfer: xr.D
                 "held_out": _finite(_own_metric(run)),
                 "ceiling": _finite(similarity["ceiling"].sel(model=run.name)),
                 "halves_converged": bool(similarity["halves_converged"].sel(model=run.name)),
+                "halves_failed": int(similarity["halves_failed"].sel(model=run.name)),
                 "circuit_units": int(run.circuit_units.size),
             }
             for run in runs
@@ -692,7 +728,8 @@ def markdown(headline: dict, similarity: xr.Dataset, transfer: xr.Dataset, match
         f"chance (worst pair {_number(t['min_ratio'])}; filters alone, without history: {_number(t['mean_ratio_filter_only'])}; "
         f"raw coefficients instead of contributions: {_number(t['mean_ratio_raw_coefficients'])}).",
         f"- Unit matches: of each model's top {u['top_k']} circuit units, on average {_number(u['mean_match_rate'])} have a partner "
-        f"with r > {u['threshold']} in another model, and {_number(u['mean_partner_in_circuit'])} of those partners are in that model's circuit "
+        f"with r > {u['threshold']} in another model (random units of the same kinds: {_number(u['mean_null_match_rate'])}), and "
+        f"{_number(u['mean_partner_in_circuit'])} of those partners are in that model's circuit "
         f"({u['comparable_pairs']} ordered pairs of models that tokenise the prompts identically).",
         "",
         NORMALISATION,
@@ -705,7 +742,7 @@ def markdown(headline: dict, similarity: xr.Dataset, transfer: xr.Dataset, match
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in headline["per_model"].items():
-        ceiling = _number(row["ceiling"]) + ("" if row["halves_converged"] else " (not converged)")
+        ceiling = _number(row["ceiling"]) + ("" if row["halves_converged"] else " (not converged)") + (f" ({row['halves_failed']} halves failed)" if row["halves_failed"] else "")
         lines.append(f"| {name} | {row['architecture']} | {row['layers']} | {row['units']} | {_number(row['held_out'], 3)} | {ceiling} | {row['circuit_units']} |")
     lines += [
         "",
@@ -728,6 +765,10 @@ def markdown(headline: dict, similarity: xr.Dataset, transfer: xr.Dataset, match
         "## Share of matched partners that are in the other model's circuit",
         "",
         _matrix_table(matches["partner_in_circuit"]),
+        "",
+        f"## Match rate of random non-circuit units of the same kinds (the chance level; r > {u['threshold']})",
+        "",
+        _matrix_table(matches["null_match_rate"]),
         "",
     ]
     return "\n".join(lines)
@@ -775,7 +816,9 @@ def _figures(runs, similarity: xr.Dataset, transfer: xr.Dataset, matches: xr.Dat
     ]
     _heatmaps(panels, out_dir / "similarity.png", plt, sns, save_figure, limits=(-1, 1))
     _heatmaps([(transfer["transfer"], "transfer ratio (rows: from)", "ratio")], out_dir / "transfer.png", plt, sns, save_figure, limits=(0, 1))
-    _heatmaps([(matches["match_rate"], f"unit match rate (r > {matches.attrs['threshold']})", "rate")], out_dir / "unit_matches.png", plt, sns, save_figure, limits=(0, 1))
+    threshold = matches.attrs["threshold"]
+    panels = [(matches["match_rate"], f"circuit units with a partner (r > {threshold})", "rate"), (matches["null_match_rate"], "random units of the same kinds (chance)", "rate")]
+    _heatmaps(panels, out_dir / "unit_matches.png", plt, sns, save_figure, limits=(0, 1))
 
 
 def _heatmaps(panels, path: Path, plt, sns, save_figure, limits) -> None:

@@ -44,9 +44,10 @@ from tests.runs import (
 
 STOP_AT = r'''
 """Run the reduce CLI, stopping this process (SIGSTOP) at one named point: argv = POINT K ARGS."""
-import os
+import json
 import signal
 import sys
+import threading
 
 import reduce.ablate as ablate
 import reduce.record as record
@@ -56,7 +57,9 @@ point, k, arguments = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
 
 def stop():
-    os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs us here
+    # Sent to this very thread, the stop takes effect before it runs another line (sent to the
+    # process, it may land on another thread while this one carries on writing).
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)  # the test SIGKILLs us here
 
 
 def wrap(owner, name, *, before=False, when=lambda *args: True):
@@ -77,6 +80,9 @@ POINTS = {
     "record: store created, no manifest yet": lambda: wrap(record, "_create_store"),
     "record: k batches stored and listed": lambda: wrap(record, "write_manifest", when=lambda run, key, done: len(done) == k),
     "record: batch k stored, not yet listed": lambda: wrap(record, "write_manifest", before=True, when=lambda run, key, done: len(done) == k),
+    "record: manifest of k batches in its temporary file, not renamed": lambda: wrap(
+        store, "replace_path", before=True, when=lambda temporary, path: path.name == record._MANIFEST and len(json.loads(open(temporary).read())["done"]) == k
+    ),
     "record: statistics written, store not renamed": lambda: wrap(record, "replace_path", before=True),
     "record: store renamed, stage not marked done": lambda: wrap(store.RunDir, "mark_done", before=True),
     "ablate: store created, no block yet": lambda: wrap(ablate._AblationStore, "open"),
@@ -181,9 +187,14 @@ RECORD_POINTS = [
     ("record: store created, no manifest yet", 0, None),
     ("record: k batches stored and listed", 3, [0, 1, 2]),
     ("record: batch k stored, not yet listed", 5, [0, 1, 2, 3]),
+    ("record: manifest of k batches in its temporary file, not renamed", 4, [0, 1, 2]),
     ("record: statistics written, store not renamed", 0, list(range(10))),
     ("record: store renamed, stage not marked done", 0, None),
 ]
+
+
+def path_pid(run) -> str:
+    return next(run.glob("*.tmp")).name.split(".")[-2]
 
 
 def point_id(point: str, k: int) -> str:
@@ -196,6 +207,8 @@ def test_recording_killed_at_a_point_resumes_to_the_same_outputs(tmp_path, condi
     kill_at(tmp_path, point, k, "record", condition, "--out", run, "-q")
     manifest = run / ".activations.zarr.manifest.json"
     assert (json.loads(manifest.read_text())["done"] if manifest.exists() else None) == listed
+    if "temporary file" in point:  # the killed write's temporary is there, to be cleared on resume
+        assert [path.name for path in run.glob("*.tmp")] == [f"..activations.zarr.manifest.json.{path_pid(run)}.tmp"]
     record(condition, run, model=tiny, progress=False)
     assert_recording_as_uninterrupted(run, uninterrupted[0])
 
@@ -249,9 +262,15 @@ ABLATE_POINTS = [
 
 
 def assert_ablations_as_uninterrupted(run, reference) -> None:
+    assert_ablations_as_uninterrupted_stages(run, reference)
+    assert json.loads((run / "stages.json").read_text()) == json.loads((reference / "stages.json").read_text())
+
+
+def assert_ablations_as_uninterrupted_stages(run, reference) -> None:
     assert tree_bytes(run / ABLATIONS) == tree_bytes(reference / ABLATIONS)
     assert_same_datasets(reference / ATTRIBUTION, run / ATTRIBUTION)
-    assert json.loads((run / "stages.json").read_text()) == json.loads((reference / "stages.json").read_text())
+    stages, expected = (json.loads((path / "stages.json").read_text()) for path in (run, reference))
+    assert (stages["record"], stages["ablate"]) == (expected["record"], expected["ablate"])
     assert leftovers(run) == []
 
 
@@ -277,3 +296,23 @@ def test_ablation_killed_when_its_manifest_appears_resumes_through_the_cli(tmp_p
     result = reduce_cli("ablate", condition, "--out", run, "-q")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ablations_as_uninterrupted(run, reference)
+
+
+# --- the whole pipeline -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_pipeline_killed_while_ablating_resumes_to_the_same_outputs(tmp_path, condition, uninterrupted):
+    """``reduce run`` killed in its ablate stage (the recording done): run again, it reuses the
+    recording, finishes the ablations and the remaining stages, and matches the uninterrupted stages."""
+    reference, _ = uninterrupted
+    run = tmp_path / "run"
+    kill_when(tmp_path, run / f".{ABLATIONS}.partial" / "reduce_manifest.json", "run", condition, "--out", run, "-q")
+    assert (run / ACTIVATIONS).is_dir() and not (run / ABLATIONS).exists()
+    result = reduce_cli("run", condition, "--out", run, "-q")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[1/5] record reused" in result.stderr
+    assert_recording_as_uninterrupted(run, reference)
+    assert_ablations_as_uninterrupted_stages(run, reference)
+    assert {"record", "ablate", "fit", "validate"} <= set(json.loads((run / "stages.json").read_text()))
+    assert json.loads((run / "summary.json").read_text())["condition"] == "sva_tiny"

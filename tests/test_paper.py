@@ -50,11 +50,17 @@ def test_flatten_nests_keys_with_dots():
 
 
 def test_the_least_degrading_baseline_depends_on_the_metric_direction():
-    degradation = {
-        "Top1 Accuracy": {"Baseline": {"": [50.0, 0.0]}, "50% Pruning": {"Zero": [40.0, 1.0], "Peak": [45.0, 1.0]}},
-        "Cross-Entropy Loss": {"Baseline": {"": [1.0, 0.0]}, "50% Pruning": {"Zero": [1.5, 0.1], "Peak": [1.7, 0.1]}},
-    }
-    numbers = degradation_numbers(degradation)
+    import pandas as pd
+
+    rows = [
+        ("Top1 Accuracy", "Baseline", "", 50.0, 0.0),
+        ("Top1 Accuracy", "50% Pruning", "Zero", 40.0, 1.0),
+        ("Top1 Accuracy", "50% Pruning", "Peak", 45.0, 1.0),
+        ("Cross-Entropy Loss", "Baseline", "", 1.0, 0.0),
+        ("Cross-Entropy Loss", "50% Pruning", "Zero", 1.5, 0.1),
+        ("Cross-Entropy Loss", "50% Pruning", "Peak", 1.7, 0.1),
+    ]
+    numbers = degradation_numbers(pd.DataFrame(rows, columns=["metric", "pruning", "baseline", "mean", "sd"]).assign(model="m"))
     assert numbers["degradation.top1.clean"] == 50.0
     assert numbers["degradation.top1.50.peak_naive"] == 45.0 and numbers["degradation.top1.50.zero.sd"] == 1.0
     assert numbers["degradation.top1.50.best"] == "Peak"  # higher accuracy is better

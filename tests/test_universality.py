@@ -26,6 +26,7 @@ from reduce.universality import (
     half_filters,
     load_run,
     normalised_profiles,
+    null_units,
     run_name,
     source_drive,
     transfer_ratio,
@@ -133,6 +134,15 @@ def test_a_different_filter_is_as_dissimilar_as_its_cosine_and_transfers_as_its_
     assert transfer_ratio(fitted["c"], fitted["a"], *data["a"]) == pytest.approx(true_cosine**2, abs=0.04)
 
 
+def test_a_half_that_cannot_be_fitted_is_recorded_not_fatal(synthetic):
+    data, fitted, _, _ = synthetic
+    two_prompts = data["a"][0].isel(sample=slice(0, 8))
+    two_prompts = two_prompts.assign(target=("sample", np.repeat([0.0, 1.0], 4)))  # each half's target is constant
+    halves = half_filters(fitted["a"], two_prompts, n_splits=1)
+    assert halves["failed"].all() and not halves["converged"].any() and np.isnan(halves["filter"]).all()
+    assert np.isnan(cross_half_similarity(halves["filter"], halves["filter"]))
+
+
 def test_transfer_uses_only_the_grid_both_models_share(synthetic):
     data, fitted, _, _ = synthetic
     model = fitted["a"]
@@ -160,7 +170,15 @@ def test_best_partners_find_a_permutation_and_respect_kinds():
     assert r[0] < 0.2
 
 
-def test_default_models_and_run_names():
+def test_null_units_are_random_non_circuit_units_of_the_circuits_kinds():
+    kinds = np.array(["attn"] * 40 + ["mlp"] * 60)
+    circuit = np.array([3, 50, 51, 90])
+    null = null_units(kinds, circuit[:3], circuit, np.random.default_rng(0), multiple=4)
+    assert (kinds[null] == "attn").sum() == 4 and (kinds[null] == "mlp").sum() == 8
+    assert np.unique(null).size == null.size and not np.isin(null, circuit).any()
+
+
+def test_default_models_and_run_names(tmp_path):
     condition = load_condition(CONDITIONS / "sva.toml")
     models = default_models(condition)
     assert "zoo:gpt2-d128-s0" in models and "zoo:tiny" not in models and len(models) >= 2
@@ -168,7 +186,10 @@ def test_default_models_and_run_names():
         default_models(replace(condition, model=replace(condition.model, name="gpt2")))
     assert run_name("zoo:gpt2-d64-s0") == "gpt2-d64-s0" and run_name("org/model") == "org--model"
     with pytest.raises(ReduceError, match="listed twice"):
-        universality(condition, ["zoo:tiny", "zoo:tiny"], "/nonexistent/never-written")
+        universality(condition, ["zoo:tiny", "zoo:tiny"], tmp_path / "out")
+    with pytest.raises(ReduceError, match="unknown zoo model 'nope'"):  # before any model is fitted
+        universality(condition, ["zoo:tiny", "zoo:nope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def neuron_permuted_tiny(folder: Path) -> list[np.ndarray]:
