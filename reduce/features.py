@@ -2,7 +2,8 @@
 
 A *synapse* is one upstream unit at one token lag. Per sample (a prompt and a target position
 ``t``) its activity is the unit's deviation from its baseline at position ``t - lag``
-(the peak by default: a unit "fires" when it leaves its modal value, seed 004). Synapses are
+(the peak by default: a unit "fires" when it leaves its modal value, seed 004); positions that
+hold special tokens (BOS, CLS, SEP) give no input (:func:`counted_sources`). Synapses are
 grouped as the seed 003 neuron's were:
 
 * **sign** (excitatory / inhibitory): the sign of the synapse's *connection* to the target, the
@@ -148,9 +149,8 @@ class GroupedFeatures:
         return dataset
 
     def _transform_chunk(self, activations, prompts, replace):
-        lengths = activations["length"].values[prompts]
-        mask = activations["target_mask"].values[prompts]
-        chunk_index, positions = np.nonzero(mask)
+        counted = activations["counted"].values[prompts]
+        chunk_index, positions = np.nonzero(activations["target_mask"].values[prompts])
         n_samples = chunk_index.size
         inputs = np.zeros((n_samples, self.lags.size, self._projection.shape[-1]))
         for site, units in self._site_slices.items():
@@ -162,16 +162,14 @@ class GroupedFeatures:
                 values = replace(site, prompts, values)
             deviation = values - self.baseline_[units]
             for lag_index, lag in enumerate(self.lags):
-                source = positions - lag
-                valid = (source >= 0) & (source < lengths[chunk_index])
-                rows = deviation[chunk_index[valid], source[valid]]
+                valid, source = counted_sources(counted, chunk_index, positions, lag)
+                rows = deviation[chunk_index[valid], source]
                 inputs[valid, lag_index] += rows @ self._projection[units, lag_index]
         target = activations["target"].values[prompts]
         history = np.zeros((n_samples, self.history_lags))
         for h in range(1, self.history_lags + 1):
-            source = positions - h
-            valid = source >= 0
-            history[valid, h - 1] = target[chunk_index[valid], source[valid]]
+            valid, source = counted_sources(counted, chunk_index, positions, h)
+            history[valid, h - 1] = target[chunk_index[valid], source]
         return inputs, history, target[chunk_index, positions], prompts[chunk_index], positions
 
     def unit_inputs(self, activations: xr.Dataset, *, n_candidates: int = 256, replace=None, prompts=None) -> xr.Dataset:
@@ -185,9 +183,8 @@ class GroupedFeatures:
         order = order[spread.flat[order] > 0]
         units, lag_index = np.unravel_index(order, spread.shape)
         prompts = np.arange(activations.sizes["prompt"]) if prompts is None else np.asarray(prompts)
-        mask = activations["target_mask"].values[prompts]
-        chunk_index, positions = np.nonzero(mask)
-        lengths = activations["length"].values[prompts]
+        chunk_index, positions = np.nonzero(activations["target_mask"].values[prompts])
+        counted = activations["counted"].values[prompts]
         design = np.zeros((chunk_index.size, order.size))
         for site, site_units in self._site_slices.items():
             chosen = np.nonzero((units >= site_units.start) & (units < site_units.stop))[0]
@@ -199,9 +196,8 @@ class GroupedFeatures:
                 values = replace(site, prompts, values)
             for column in chosen:
                 unit, lag = units[column], self.lags[lag_index[column]]
-                source = positions - lag
-                valid = (source >= 0) & (source < lengths[chunk_index])
-                deviation = values[chunk_index[valid], source[valid], unit - site_units.start] - self.baseline_[unit]
+                valid, source = counted_sources(counted, chunk_index, positions, lag)
+                deviation = values[chunk_index[valid], source, unit - site_units.start] - self.baseline_[unit]
                 sign = 1.0 if self.synapses_["connection"].values[unit, lag_index[column]] >= 0 else -1.0
                 design[valid, column] = sign * deviation
         target = activations["target"].values[prompts][chunk_index, positions]
@@ -225,9 +221,8 @@ def covariance_by_lag(activations: xr.Dataset, stats: xr.Dataset, lags: np.ndarr
     The backward-free way to sign synapses (``sign = "correlation"``).
     """
     prompts = np.asarray(prompts)
-    mask = activations["target_mask"].values[prompts]
-    chunk_index, positions = np.nonzero(mask)
-    lengths = activations["length"].values[prompts]
+    chunk_index, positions = np.nonzero(activations["target_mask"].values[prompts])
+    counted = activations["counted"].values[prompts]
     target = activations["target"].values[prompts][chunk_index, positions]
     centred = target - target.mean()
     covariance = np.zeros((stats.sizes["unit"], lags.size))
@@ -235,11 +230,24 @@ def covariance_by_lag(activations: xr.Dataset, stats: xr.Dataset, lags: np.ndarr
         values = activations[site].values[prompts]
         values = values.reshape(values.shape[0], values.shape[1], -1).astype(np.float64)
         for lag_index, lag in enumerate(lags):
-            source = positions - lag
-            valid = (source >= 0) & (source < lengths[chunk_index])
-            rows = values[chunk_index[valid], source[valid]]
+            valid, source = counted_sources(counted, chunk_index, positions, lag)
+            rows = values[chunk_index[valid], source]
             covariance[units, lag_index] = (rows - rows.mean(0)).T @ centred[valid] / max(valid.sum(), 1)
     return xr.DataArray(covariance, dims=("unit", "lag"), coords={"lag": lags})
+
+
+def counted_sources(counted: np.ndarray, rows: np.ndarray, positions: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """The samples whose position ``lag`` tokens back is a counted token (real, not special), and that position.
+
+    Special tokens (BOS, CLS, SEP) carry one context-free activation in every prompt: as an input
+    their deviation is a constant, a second intercept that would inflate the filter at the lags
+    that reach them, so they enter neither the features nor the history.
+    """
+    source = positions - lag
+    inside = (source >= 0) & (source < counted.shape[1])
+    valid = inside.copy()
+    valid[inside] = counted[rows[inside], source[inside]]
+    return valid, source[valid]
 
 
 def _site_slices(sites: np.ndarray) -> dict[str, slice]:

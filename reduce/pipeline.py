@@ -31,7 +31,6 @@ def run(condition=None, run_dir=None, *, force: bool = False, progress: bool = T
     from .ablate import ablate
     from .fit import fit
     from .record import record
-    from .report import write_report
     from .validate import validate
 
     condition = load_condition(condition or DEFAULT_CONDITION) if not isinstance(condition, Condition) else condition

@@ -70,10 +70,13 @@ def record(condition, run_dir, *, model=None, progress: bool = True):
         return xr.open_zarr(Path(run_dir) / ACTIVATIONS)
 
 
+RECORDING_FORMAT = 2  # 2: the ``counted`` coordinate; a recording without it is made again
+
+
 def recording_key(resolved: Resolved) -> str:
     """The record stage's fingerprint: the parts of the condition it depends on, and the weights."""
     condition = resolved.condition
-    return fingerprint(condition.fingerprint("model", "prompts", "target", "record"), resolved.model.weights_fingerprint())
+    return fingerprint(condition.fingerprint("model", "prompts", "target", "record"), resolved.model.weights_fingerprint(), RECORDING_FORMAT)
 
 
 def save_condition(condition: Condition, run_dir) -> None:
@@ -376,6 +379,7 @@ def _prompt_coords(recording: Recording) -> dict:
         "text": ("prompt", strings(prompts.texts)),
         "length": ("prompt", encoded.lengths.numpy()),
         "tokens": (("prompt", "pos"), strings(token_strings(model, encoded))),
+        "counted": (("prompt", "pos"), counted_tokens(encoded.input_ids.numpy(), encoded.attention_mask.bool().numpy(), special_ids(model))),
     }
     start, end = _offsets(model, prompts.texts, recording.width)
     coords["token_start"], coords["token_end"] = (("prompt", "pos"), start), (("prompt", "pos"), end)

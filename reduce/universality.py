@@ -383,16 +383,16 @@ def circuit_units(circuit: xr.Dataset, feature_map: xr.Dataset) -> np.ndarray:
     return unique[np.argsort(-strength, kind="stable")]
 
 
-def unit_activity(run_dir, special_tokens) -> tuple[np.ndarray, np.ndarray]:
+def unit_activity(run_dir) -> tuple[np.ndarray, np.ndarray]:
     """(token × unit activations over every counted token, unit kinds), columns in unit-table order.
 
-    Counted tokens are the real, non-special ones: a BOS token repeats one context-free value in
-    every prompt, and that shared spike would correlate every pair of units.
+    Counted tokens are the real, non-special ones (the recording's ``counted``): a BOS token
+    repeats one context-free value in every prompt, and that shared spike would correlate every
+    pair of units.
     """
     activations = xr.open_zarr(Path(run_dir) / ACTIVATIONS)
     stats = xr.open_dataset(Path(run_dir) / STATS, engine="h5netcdf")
-    lengths = activations["length"].values
-    counted = (np.arange(activations.sizes["pos"])[None, :] < lengths[:, None]) & ~np.isin(activations["tokens"].values.astype(object), list(special_tokens))
+    counted = activations["counted"].values
     columns = []
     for site in dict.fromkeys(stats["site"].values.tolist()):  # the unit table runs site by site
         values = activations[site].values
@@ -400,15 +400,6 @@ def unit_activity(run_dir, special_tokens) -> tuple[np.ndarray, np.ndarray]:
     kinds = stats["kind"].values.astype(str)
     stats.close()
     return np.concatenate(columns, axis=1), kinds
-
-
-def special_tokens_of(model: str) -> set[str]:
-    """The tokenizer's special tokens (BOS, padding, …) as they appear in the recorded ``tokens``."""
-    import transformers
-
-    path, local = resolve_model_path(model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
-    return set(tokenizer.all_special_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,18 +565,16 @@ def _unit_matches(runs, top_k: int, threshold: float, progress: bool, seed: int 
     partner, partner_r, in_circuit = np.full(shape, -1), np.full(shape, np.nan), np.zeros(shape, dtype=bool)
     # Two passes, so that only one model's full (token × unit) activity is in memory at a time:
     # first every model's top circuit columns, then each model's full activity as the partner side.
-    involved = np.flatnonzero(comparable.any(axis=0) | comparable.any(axis=1))
-    special = {i: special_tokens_of(runs[i].model) for i in involved}
     null_rate = np.full((n, n), np.nan)
     circuit_columns, null_columns = {}, {}
     rng = np.random.default_rng(seed)
     for i in progress_bar(np.flatnonzero(comparable.any(axis=1)), desc="circuit units", enabled=progress):
-        activity, kinds = unit_activity(runs[i].run_dir, special[i])
+        activity, kinds = unit_activity(runs[i].run_dir)
         circuit_columns[i] = (activity[:, top[i]], kinds[top[i]])
         null = null_units(kinds, top[i], runs[i].circuit_units, rng)
         null_columns[i] = (activity[:, null], kinds[null])
     for j in progress_bar(np.flatnonzero(comparable.any(axis=0)), desc="unit matches", enabled=progress):
-        activity, kinds = unit_activity(runs[j].run_dir, special[j])
+        activity, kinds = unit_activity(runs[j].run_dir)
         for i in np.flatnonzero(comparable[:, j]):
             columns, column_kinds = circuit_columns[i]
             found, r = best_partners(columns, activity, column_kinds, kinds)

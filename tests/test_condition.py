@@ -201,7 +201,7 @@ def test_malformed_prompt_file(tmp_path, case):
 
 
 def test_prompt_file_cannot_take_template_keys(tmp_path):
-    text = _prompt_file("p.txt", "a b\n")(VALID, tmp_path).replace(f'file = "p.txt"', 'file = "p.txt"\nanswer = "x"')
+    text = _prompt_file("p.txt", "a b\n")(VALID, tmp_path).replace('file = "p.txt"', 'file = "p.txt"\nanswer = "x"')
     with pytest.raises(ReduceError, match="prompts.answer: with prompts.file"):
         load_condition(write(tmp_path, text))
 

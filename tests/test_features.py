@@ -17,6 +17,7 @@ def _run(seed=0, prompts=12, width=6, units=(4, 4)):
         "target": (("prompt", "pos"), rng.normal(size=(prompts, width)) * real),
         "target_mask": (("prompt", "pos"), np.arange(width)[None, :] == (lengths - 1)[:, None]),
         "length": ("prompt", lengths),
+        "counted": (("prompt", "pos"), real & (np.arange(width) > 0)[None, :]),  # position 0 holds a BOS token
     }
     activations = xr.Dataset(data)
     n = sum(units)
@@ -47,13 +48,13 @@ def test_features_equal_weighted_deviation_sums_by_hand():
         index = int(stats["index"][unit])
         distance = 2 - int(stats["layer"][unit])
         for lag in lags:
-            if t - lag < 0:
+            if t - lag < 1:  # before the prompt, or its BOS
                 continue
             c = connection.values[unit, lag]
             deviation = activations[site].values[p, t - lag, index] - stats["peak"].values[unit]
             expected[0 if c >= 0 else 1, distance - 1, lag] += abs(c) * deviation
     np.testing.assert_allclose(features["inputs"].values[sample], expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(features["history"].values[sample], [activations["target"].values[p, t - 1], activations["target"].values[p, t - 2] if t >= 2 else 0.0])
+    np.testing.assert_allclose(features["history"].values[sample], [activations["target"].values[p, t - h] if t - h >= 1 else 0.0 for h in (1, 2)])
     assert (features["block"].values == features["prompt"].values).all()
 
 
@@ -91,7 +92,7 @@ def test_unit_inputs_and_covariance_signs():
     p, t = int(design["prompt"][3]), int(design["position"][3])
     site, index = str(stats["site"][unit].values), int(stats["index"][unit])
     sign = np.sign(covariance.values[unit, list(lags).index(lag)])
-    expected = sign * (activations[site].values[p, t - lag, index] - stats["peak"].values[unit]) if t - lag >= 0 else 0
+    expected = sign * (activations[site].values[p, t - lag, index] - stats["peak"].values[unit]) if t - lag >= 1 else 0
     assert design["inputs"].values[3, column] == pytest.approx(expected)
 
 
@@ -104,3 +105,15 @@ def test_saved_map_transforms_identically(tmp_path):
     write_netcdf(grouped.to_dataset(), tmp_path / "map.nc")
     reloaded = GroupedFeatures.from_dataset(xr.open_dataset(tmp_path / "map.nc", engine="h5netcdf"))
     xr.testing.assert_identical(grouped.transform(activations), reloaded.transform(activations))
+
+
+def test_special_positions_give_no_input():
+    """A BOS activation is the same in every prompt: as an input it would only add an intercept."""
+    activations, stats = _run()
+    connection = xr.DataArray(np.ones((8, 3)), dims=("unit", "lag"), coords={"lag": [0, 1, 2]})
+    grouped = GroupedFeatures(max_lag=2, history_lags=2).fit(stats, connection, target_layer=2)
+    spiked = activations.copy(deep=True)
+    for site in ("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post", "target"):
+        spiked[site][:, 0] = 1e6
+    xr.testing.assert_identical(grouped.transform(activations), grouped.transform(spiked))
+    xr.testing.assert_identical(grouped.unit_inputs(activations), grouped.unit_inputs(spiked))
