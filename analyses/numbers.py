@@ -104,9 +104,12 @@ def control_numbers(fit: dict) -> dict:
     for name, control in fit["controls"].items():
         numbers[f"control.{name}.metric"] = control["metric"]
         numbers[f"control.{name}.drop"] = control["drop"]
-    largest = max(fit["controls"], key=lambda name: fit["controls"][name]["drop"])
+        numbers[f"control.{name}.deviance_drop"] = control["deviance_drop"]
+    # ranked by deviance explained: the primary metric can saturate (an AUROC of 1.0 for every control)
+    largest = max(fit["controls"], key=lambda name: fit["controls"][name]["deviance_drop"])
     numbers["control.largest"] = CONTROL_NOUNS[largest]
     numbers["control.largest_drop"] = fit["controls"][largest]["drop"]
+    numbers["control.largest_deviance_drop"] = fit["controls"][largest]["deviance_drop"]
     return numbers
 
 

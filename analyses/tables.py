@@ -35,7 +35,13 @@ def controls_table(numbers: dict) -> str:
     """Drop of the held-out score when one part of the reduced model is removed, per condition."""
     # a control's drop is measured from the full model's held-out score, which an unconverged fit lacks
     converged = {c.key: numbers[f"{c.key}.held_out"] is not None for c in CONDITIONS}
-    rows = [(text, *(signed(numbers.get(f"{c.key}.control.{name}.drop")) if converged[c.key] else "–" for c in CONDITIONS)) for name, text in CONTROLS.items()]
+    def cell(key: str, name: str) -> str:
+        if not converged[key]:
+            return "–"
+        drop, deviance = numbers.get(f"{key}.control.{name}.drop"), numbers.get(f"{key}.control.{name}.deviance_drop")
+        return signed(drop) if numbers[f"{key}.metric"] == "R²" else f"{signed(drop)} ({signed(deviance)})"
+
+    rows = [(text, *(cell(c.key, name) for c in CONDITIONS)) for name, text in CONTROLS.items()]
     return markdown_table(["control", *(f"{c.label} ({numbers[f'{c.key}.metric']})" for c in CONDITIONS)], rows, align="l" + "r" * len(CONDITIONS))
 
 

@@ -165,7 +165,7 @@ def _fit(resolved, activations, stats, run_dir: Path, progress: bool) -> dict:
         "alpha": float(reduced.alpha_),
         "held_out": held_out if reduced.converged_ else None,
         "interval": {name: [float(v) for v in intervals[name].values] for name in held_out if intervals is not None and name in intervals} if reduced.converged_ else None,
-        "controls": {name: {"metric": c.get(metric), "drop": c["drop"], "converged": bool(c["converged"])} for name, c in controls["controls"].items()},
+        "controls": {name: {"metric": c.get(metric), "drop": c["drop"], "deviance_drop": c["deviance_drop"], "converged": bool(c["converged"])} for name, c in controls["controls"].items()},
         "circuit": circuit_metrics,
         "firing_rate": float(features["target"].values.mean()) if threshold is not None else None,
     }

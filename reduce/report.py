@@ -278,8 +278,11 @@ def reduced_model_section(run: RunFiles) -> list[str]:
         "",
     ]
     metric = metric_label(fit["metric"])
-    rows = [(f"`{name}`", CONTROLS.get(name, name), number(control["metric"]), signed(control["drop"]), "yes" if control["converged"] else "no") for name, control in fit["controls"].items()]
-    lines += [markdown_table(["control", "what is removed", f"held-out {metric}", "drop", "converged"], rows, align="llrrl"), ""]
+    rows = [
+        (f"`{name}`", CONTROLS.get(name, name), number(control["metric"]), signed(control["drop"]), signed(control["deviance_drop"]), "yes" if control["converged"] else "no")
+        for name, control in fit["controls"].items()
+    ]
+    lines += [markdown_table(["control", "what is removed", f"held-out {metric}", "drop", "drop in deviance explained", "converged"], rows, align="llrrrl"), ""]
     for row in FILTER_FIGURES:
         lines += figure_row_lines([(f"{FIGURES}/{name}", caption) for name, caption in row if run.figure(name)])
     return lines

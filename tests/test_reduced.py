@@ -102,6 +102,7 @@ def test_controls_drop_when_the_removed_part_matters(small):
     assert set(result["controls"]) == {"no_history", "no_spatial", "no_temporal", "no_sign"}
     for name, scores in result["controls"].items():
         assert scores["drop"] > 0.01, f"{name} should lose accuracy: {scores}"
+        assert scores["deviance_drop"] == pytest.approx(result["full"]["deviance_explained"] - scores["deviance_explained"]) and scores["deviance_drop"] > 0
 
 
 def test_no_history_control_is_harmless_without_history_dependence():
