@@ -1009,7 +1009,8 @@ class UnitGLM(BaseEstimator):
     fresh blocks for confirmatory inference.
 
     Fitted: ``coef_`` (feature, original units), ``intercept_``, ``selected_`` (feature indices),
-    ``alpha_``, ``cv_results_``, ``converged_``, ``n_iter_``, ``refit_`` (statsmodels results).
+    ``alpha_``, ``cv_results_``, ``converged_``, ``n_iter_``, ``refit_`` (statsmodels results;
+    None when the selected features are collinear on the training samples).
     Prediction uses the penalised coefficients.
     """
 
@@ -1078,11 +1079,11 @@ class UnitGLM(BaseEstimator):
 
         sm_family = getattr(sm.families, _STATSMODELS_FAMILIES[self.family])()
         exog = sm.add_constant(design[:, self.selected_], has_constant="add")
-        if blocks is None:
-            self.refit_ = sm.GLM(target, exog, family=sm_family).fit()
-        else:
-            codes = pd.factorize(np.asarray(blocks))[0]
-            self.refit_ = sm.GLM(target, exog, family=sm_family).fit(cov_type="cluster", cov_kwds={"groups": codes})
+        covariance = {} if blocks is None else {"cov_type": "cluster", "cov_kwds": {"groups": pd.factorize(np.asarray(blocks))[0]}}
+        try:
+            self.refit_ = sm.GLM(target, exog, family=sm_family).fit(**covariance)
+        except np.linalg.LinAlgError:
+            self.refit_ = None  # the selected columns are collinear on these samples: see summary_frame
         return self
 
     @staticmethod
@@ -1115,6 +1116,12 @@ class UnitGLM(BaseEstimator):
         with the feature's coordinates, coef, std_err, z, p_value, ci_lower, ci_upper and the
         penalised coefficient."""
         check_is_fitted(self, "refit_")
+        if self.refit_ is None:
+            raise ReduceError(
+                f"the {self.selected_.size} selected features are collinear on the training samples, so the unpenalised refit that gives standard errors does not exist; "
+                "choose alpha_rule='1se' or fit on more prompts",
+                field="refit",
+            )
         interval = np.asarray(self.refit_.conf_int())
         terms = pd.concat([pd.DataFrame({c: [None] for c in self.features_.columns}), self.features_.iloc[self.selected_]], ignore_index=True)
         labels = ["intercept"] + [",".join(f"{k}={v}" for k, v in row.items()) for _, row in self.features_.iloc[self.selected_].iterrows()]

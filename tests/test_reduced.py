@@ -255,3 +255,13 @@ def test_unit_glm_selects_the_units_that_matter():
     assert np.all(np.abs(lasso.coef_.reshape(n_units, n_lags)[weights == 0]) < 0.1)
     assert list(lasso.summary_frame().columns[:1]) == ["feature"]
     assert evaluate(lasso, features.values, target)["auroc"] > 0.8
+
+
+def test_unit_glm_with_more_selected_features_than_samples_predicts_but_gives_no_standard_errors():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(12, 40)), rng.normal(size=12)
+    glm = UnitGLM("gaussian", alpha=1e-4).fit(X, y, blocks=np.arange(12) // 2)
+    assert glm.selected_.size > 12 and glm.refit_ is None
+    assert np.isfinite(glm.predict(X)).all()
+    with pytest.raises(ReduceError, match="collinear"):
+        glm.summary_frame()
