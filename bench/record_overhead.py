@@ -3,9 +3,10 @@
 For each workload (:mod:`bench.workloads`) these arms run side by side on the same batches:
 
 - ``forward``: forwards only, no hooks (the floor);
-- ``record_to_memory``: what ``reduce.record`` does per batch before touching disk: forwards with
-  the recording hooks on every MLP neuron and attention pre-out unit plus a neuron target, and each
-  batch's sites copied to numpy once, padding set to NaN (``BatchActivations.to_numpy``);
+- ``record_to_memory``: what ``reduce.record`` does per batch before touching disk: its own
+  hooked forwards (:func:`reduce.record.hooked_forwards`) of every MLP neuron and attention
+  pre-out unit plus a neuron target (so each forward ends at that target's layer, as ``record``'s
+  do), and each batch's sites as numpy, padding set to NaN (``BatchActivations.to_numpy``);
 - ``record_with_stats``: the same, plus ``RunningStats.update`` of every unit site on every counted
   token (what ``record``'s writer thread does, here inline) and the refined peak at the end;
 - ``record_full`` (workloads built from a condition): the whole ``reduce.record`` into a fresh run
@@ -19,15 +20,14 @@ record_with_stats / forward (goal <= 1.25).
 
 from __future__ import annotations
 
+import itertools
 import tempfile
-from itertools import count
 from pathlib import Path
 
 import torch
 
 from reduce.batching import forward
-from reduce.hooks import hooked
-from reduce.record import BatchActivations, BatchArrays, _accumulate, record, special_ids
+from reduce.record import BatchArrays, _accumulate, hooked_forwards, record, special_ids
 from reduce.stats import RunningStats
 
 from .timing import interleaved
@@ -43,19 +43,14 @@ def forward_all(workload) -> None:
 
 
 def record_to_memory(workload, consume=None) -> None:
-    """Hooked forwards, each batch's sites and target copied to numpy once (``consume(BatchArrays)`` after each)."""
-    model, sites = workload.model, workload.sites
-    special = special_ids(model)
-    start = 0
-    with torch.inference_mode(), hooked(model, record=[*sites, *workload.target.sites]) as recorded:
-        for index, batch in enumerate(workload.batches):
-            output = forward(model, batch)
-            target = workload.target.values(output, recorded)
-            activations = BatchActivations(index, start, start + len(batch), batch, {site.name: recorded[site.name] for site in sites}, target)
-            arrays = activations.to_numpy(special_ids=special)
-            start += len(batch)
-            if consume is not None:
-                consume(arrays)
+    """``reduce.record``'s forwards (:func:`reduce.record.hooked_forwards`), each batch's sites and
+    target copied to numpy once (``consume(BatchArrays)`` after each)."""
+    special = special_ids(workload.model)
+    starts = itertools.accumulate((len(batch) for batch in workload.batches), initial=0)
+    for activations in hooked_forwards(workload.model, zip(itertools.count(), starts, workload.batches), workload.sites, workload.target):
+        arrays = activations.to_numpy(special_ids=special)
+        if consume is not None:
+            consume(arrays)
 
 
 def new_statistics(workload) -> dict[str, RunningStats]:
@@ -83,7 +78,7 @@ def run_workload(workload, repetitions: int, *, full_record: bool = True) -> dic
     }
     with tempfile.TemporaryDirectory(prefix="bench-record-") as scratch:
         if full_record and workload.condition is not None:
-            runs = count()
+            runs = itertools.count()
             arms["record_full"] = lambda: record(workload.condition, Path(scratch) / f"run{next(runs)}", model=workload.model, progress=False)
         timings = interleaved(arms, repetitions)
     result = {

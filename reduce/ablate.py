@@ -363,11 +363,11 @@ class AblationRunner:
             site = Site.parse(f"blocks.0.{'mlp.hook_post' if kind == 'mlp' else 'attn.hook_z'}")
             resid = Site.parse("blocks.0.hook_resid_post")
             batch = prepared.batch
-            with hooked(self.model, record=[site, resid]) as clean:
+            with hooked(self.model, record=[site, resid], stop_after_record=True) as clean:
                 forward(self.model, batch)
             generator = torch.Generator().manual_seed(0)
             step = torch.randn(clean[site.name].shape, generator=generator).to(clean[site.name]) * clean[site.name].std().clamp(min=1e-2)
-            with hooked(self.model, record=[resid], interventions={site: Intervention(torch.zeros(()), clean[site.name] + step)}) as moved:
+            with hooked(self.model, record=[resid], interventions={site: Intervention(torch.zeros(()), clean[site.name] + step)}, stop_after_record=True) as moved:
                 forward(self.model, batch)
             real = batch.attention_mask.bool()
             predicted = (step @ _out_weight(self.model, site))[real]

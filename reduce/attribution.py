@@ -156,7 +156,7 @@ def _effect(units: UnitTable, site: Site, activation, offset, gradient, batch: B
 @torch.no_grad()
 def _clean_run(model, batch, sites):
     resid_sites = [Site.parse(f"blocks.{l}.hook_resid_pre") for l in range(model.n_layers)]
-    with hooked(model, record=[*sites, *resid_sites]) as recorded:
+    with hooked(model, record=[*sites, *resid_sites], stop_after_record=True) as recorded:
         forward(model, batch)
     return dict(recorded)
 

@@ -256,7 +256,7 @@ class BaselineSource:
 @torch.no_grad()
 def record_sites(model, batch: Batch, sites) -> dict[str, torch.Tensor]:
     """``{site name: (batch, pos, units)}`` of one plain forward."""
-    with hooked(model, record=sites) as recorded:
+    with hooked(model, record=sites, stop_after_record=True) as recorded:
         forward(model, batch)
     return dict(recorded)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hooks import ForwardStopped
+
 
 @dataclass
 class Batch:
@@ -62,9 +64,13 @@ def token_strings(model, batch: Batch) -> list[list[str]]:
 
 
 def forward(model, batch: Batch):
-    """One forward pass; returns logits (batch, pos, vocab) or, without an LM head, hidden states."""
+    """One forward pass; returns logits (batch, pos, vocab) or, without an LM head, hidden states
+    (None when hooks stopped it once their sites were recorded: ``hooked(stop_after_record=True)``)."""
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if model.causal:
         kwargs["use_cache"] = False
-    output = model.module(**kwargs)
+    try:
+        output = model.module(**kwargs)
+    except ForwardStopped:
+        return None
     return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state

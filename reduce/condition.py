@@ -696,11 +696,6 @@ class Resolved:
     target: Any  # target.Target
 
     @property
-    def hooked_sites(self) -> tuple[Site, ...]:
-        """The sites a forward must record: the recorded ones and the target's."""
-        return tuple(dict.fromkeys([*self.sites, *self.target.sites]))
-
-    @property
     def unit_sites(self) -> tuple[Site, ...]:
         return tuple(s for s in self.sites if s.is_unit_site)
 

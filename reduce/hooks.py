@@ -16,6 +16,10 @@ import torch
 from .sites import Site
 
 
+class ForwardStopped(Exception):
+    """Raised inside a forward once every recorded site is in, when nothing after them is wanted."""
+
+
 class Intervention(NamedTuple):
     """Replace a site's units where ``mask`` is 0 by ``offset``; both broadcast to (batch, pos, units)."""
 
@@ -40,17 +44,24 @@ def _site_hook(model, site: Site):
 
 
 @contextmanager
-def hooked(model, *, record=(), interventions=None, retain_grad=False):
+def hooked(model, *, record=(), interventions=None, retain_grad=False, stop_after_record=False):
     """Run forwards inside this context to record sites and apply interventions.
 
     ``record``: iterable of :class:`Site`; the yielded dict maps site name to the latest
     ``(batch, pos, units)`` tensor. ``interventions``: ``{Site: Intervention}``.
     ``retain_grad`` keeps recorded tensors in the graph so ``.grad`` is filled by backward.
+    ``stop_after_record``: end each forward as soon as every recorded site is in (the layers
+    after the last one, the final norm and the unembedding never run; :func:`reduce.batching.forward`
+    then returns None), for callers that want the sites and not the output.
     """
     interventions = dict(interventions or {})
     recorded: dict[str, torch.Tensor] = {}
     wanted = {site.name for site in record}
+    arrived: set[str] = set()
     handles = []
+    if stop_after_record and wanted:
+        # Each forward counts its own arrivals (one that failed or was resumed half-way saw only some).
+        handles.append(model.module.register_forward_pre_hook(lambda module, args: arrived.clear()))
     # Some families (OPT) flatten (batch, pos) inside a layer; each layer's input gives the
     # leading shape back, so every site tensor is (batch, pos, units) as documented.
     leading: dict[int, torch.Size] = {}
@@ -76,6 +87,10 @@ def hooked(model, *, record=(), interventions=None, retain_grad=False):
                 if retain_grad and x.requires_grad:
                     x.retain_grad()
                 recorded[name] = x if retain_grad else x.detach()
+                if stop_after_record:
+                    arrived.add(name)
+                    if len(arrived) == len(wanted):
+                        raise ForwardStopped
             return x if flat_shape is None else x.reshape(flat_shape)
 
         if where == "pre":

@@ -114,13 +114,18 @@ class BatchActivations:
         return self.batch.attention_mask.bool()
 
     def to_numpy(self, dtype=np.float32, special_ids=()) -> BatchArrays:
-        """The batch's one copy off the device (and out of the model's tensors), padding set to NaN."""
+        """The batch as numpy, padding set to NaN.
+
+        Off a CPU model in the store's dtype this is no copy at all: the arrays are the model's
+        own activation tensors, which no later computation reads once the forward is over (the
+        next forward allocates new ones), so their padding is overwritten in place.
+        """
         real = self.real.cpu().numpy()
         counted = counted_tokens(self.batch.input_ids.cpu().numpy(), real, special_ids)
         as_dtype = torch.float64 if dtype == np.float64 else torch.float32
         arrays = {}
         for name, values in self.sites.items():
-            arrays[name] = values.to(device="cpu", dtype=as_dtype, copy=True).numpy()
+            arrays[name] = values.to(device="cpu", dtype=as_dtype).contiguous().numpy()
             arrays[name][~real] = np.nan
         target = self.target.to(device="cpu", dtype=torch.float64, copy=True).numpy()
         target[~real] = np.nan
@@ -159,23 +164,30 @@ class Recording:
         return Batch(self.encoded.input_ids[rows, :width], self.encoded.attention_mask[rows, :width], self.encoded.lengths[rows]).to(self.model.device)
 
     def forwards(self, indices, *, progress: bool = False):
-        """Yield :class:`BatchActivations` for each batch index, hooks installed once for all.
-
-        Runs under ``torch.inference_mode``, which stays on between yields; a batch's tensors are
-        the model's own and are replaced by the next forward, so copy what you keep.
-        """
+        """Yield :class:`BatchActivations` for each batch index (see :func:`hooked_forwards`)."""
         resolved = self.resolved
-        stored = [site.name for site in resolved.sites]
-        bar = progress_bar(indices, desc="record", enabled=progress)
-        with torch.inference_mode(), hooked(self.model, record=resolved.hooked_sites) as recorded:
-            for index in bar:
-                start, stop = self.bounds(index)
-                batch = self.batch(index)
-                output = forward(self.model, batch)
-                answer = None if self._answer_ids is None else self._answer_ids[start:stop]
-                wrong = None if self._wrong_ids is None else self._wrong_ids[start:stop]
-                target = resolved.target.values(output, recorded, answer, wrong)
-                yield BatchActivations(index, start, stop, batch, {name: recorded[name] for name in stored}, target)
+        batches = ((index, self.bounds(index)[0], self.batch(index)) for index in indices)
+        bar = progress_bar(batches, total=len(indices), desc="record", enabled=progress)
+        yield from hooked_forwards(self.model, bar, resolved.sites, resolved.target, self._answer_ids, self._wrong_ids)
+
+
+def hooked_forwards(model, batches, sites, target, answer_ids=None, wrong_ids=None):
+    """For each ``(index, first prompt, Batch)``, the :class:`BatchActivations` of ``sites`` and
+    ``target``, hooks installed once for all; ``answer_ids`` / ``wrong_ids``: per prompt of the set.
+
+    Runs under ``torch.inference_mode``, which stays on between yields; a batch's tensors are
+    the model's own and are replaced by the next forward. A target that does not read the output
+    (a neuron) lets each forward end at the last site it needs.
+    """
+    stored = [site.name for site in sites]
+    needed = tuple(dict.fromkeys([*sites, *target.sites]))
+    with torch.inference_mode(), hooked(model, record=needed, stop_after_record=not target.reads_output) as recorded:
+        for index, start, batch in batches:
+            stop = start + len(batch)
+            output = forward(model, batch)
+            answer = None if answer_ids is None else answer_ids[start:stop]
+            wrong = None if wrong_ids is None else wrong_ids[start:stop]
+            yield BatchActivations(index, start, stop, batch, {name: recorded[name] for name in stored}, target.values(output, recorded, answer, wrong))
 
 
 def _write_recording(resolved: Resolved, run_dir: Path, key: str, progress: bool) -> None:
@@ -288,9 +300,10 @@ class _BatchWriter:
 
 def _accumulate(stats: dict[str, RunningStats], arrays: BatchArrays) -> None:
     """Add a batch's counted tokens (real, not special) to the statistics of its unit sites."""
+    rows = arrays.counted.reshape(-1)
     for name, accumulator in stats.items():
         values = arrays.sites[name]
-        accumulator.update(torch.from_numpy(values.reshape(*values.shape[:2], -1)[arrays.counted]))
+        accumulator.update(values.reshape(len(rows), -1), rows)
 
 
 def _stored_batch(group, recording: "Recording", index: int, sites) -> BatchArrays:

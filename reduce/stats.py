@@ -26,6 +26,9 @@ Broad, skewed peaks remain limited by sampling noise, as any mode estimate is.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 import torch
 
@@ -33,6 +36,11 @@ import torch
 # unit (zero range) still gets a finite bin and cell indices stay far inside int64.
 LEVEL_SPAN = 45
 _SMOOTHING = (1.0, 4.0, 6.0, 4.0, 1.0)
+_NO_LEVEL = np.iinfo(np.int64).min  # "no floor" for a unit's level
+MAX_BINS = 2**16  # bin indices travel as uint16 between the binning and counting passes
+# Rows binned before they are counted, unit by unit: the counting pass then reads a buffer that
+# stays in cache instead of scattering increments over every unit's histogram row by row.
+_CELL_ROWS = 256
 
 
 class RunningStats:
@@ -44,21 +52,20 @@ class RunningStats:
     :meth:`to_dataset` / :meth:`from_dataset` save and restore them exactly.
     """
 
-    def __init__(self, n_units: int, bins: int = 256, *, device="cpu"):
-        if bins < 4 or bins % 2:
-            raise ValueError(f"bins must be an even number >= 4, got {bins}")
+    def __init__(self, n_units: int, bins: int = 256):
+        if bins < 4 or bins % 2 or bins > MAX_BINS:
+            raise ValueError(f"bins must be an even number from 4 to {MAX_BINS}, got {bins}")
         self.bins = bins
-        self.device = torch.device(device)
-        zeros = lambda dtype: torch.zeros(n_units, dtype=dtype, device=self.device)  # noqa: E731
+        zeros = lambda dtype: torch.zeros(n_units, dtype=dtype)  # noqa: E731
         self.count = zeros(torch.int64)
         self._mean = zeros(torch.float64)
         self._m2 = zeros(torch.float64)
-        self._min = torch.full((n_units,), torch.inf, dtype=torch.float64, device=self.device)
-        self._max = torch.full((n_units,), -torch.inf, dtype=torch.float64, device=self.device)
-        self.histogram = torch.zeros(n_units, bins, dtype=torch.int64, device=self.device)
+        self._min = torch.full((n_units,), torch.inf, dtype=torch.float64)
+        self._max = torch.full((n_units,), -torch.inf, dtype=torch.float64)
+        self.histogram = torch.zeros(n_units, bins, dtype=torch.int64)
         self.level = zeros(torch.int64)
         self.start = zeros(torch.int64)
-        self._buffers = None
+        self._cells = None
 
     @property
     def n_units(self) -> int:
@@ -67,50 +74,37 @@ class RunningStats:
     # -- accumulation ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, values: torch.Tensor) -> "RunningStats":
-        """Add ``values`` of shape ``(n, n_units)`` (one row per token; no padding rows)."""
-        values = torch.as_tensor(values).to(self.device)
+    def update(self, values, rows=None) -> "RunningStats":
+        """Add ``values`` of shape ``(n, n_units)``, one row per token; ``rows``: an optional
+        ``(n,)`` boolean mask of the rows to count (e.g. real, non-special tokens)."""
+        values = _as_float_array(values)
         if values.ndim != 2 or values.shape[1] != self.n_units:
             raise ValueError(f"expected values of shape (n, {self.n_units}), got {tuple(values.shape)}")
-        if values.dtype not in (torch.float32, torch.float64):
-            values = values.float()  # exact; half precision would overflow when scaled to cells
-        n = values.shape[0]
-        if n == 0:
+        if rows is not None:
+            rows = np.asarray(rows, dtype=bool)
+            if rows.shape != (len(values),):
+                raise ValueError(f"rows must be a boolean mask of shape ({len(values)},), got {rows.shape}")
+            if not rows.all():
+                values = values[rows]
+        if len(values) == 0:
             return self
-        # amin / amax: torch.aminmax along dim 0 is about ten times slower on CPU.
-        low, high = values.amin(0).double(), values.amax(0).double()
-        self._fit_window(torch.minimum(self._min, low), torch.maximum(self._max, high), arriving=torch.ones_like(self.count, dtype=torch.bool))
-        # Every step writes into buffers kept between batches: fresh multi-megabyte temporaries
-        # cost more in page faults than the arithmetic itself (about 3x on this CPU).
-        scaled, cells, ones = self._scratch(n)
-        # Scaling by a power of two is exact, so the cells agree with float64 edges bit for bit;
-        # in float64 the scale stays finite even for float32 values near the smallest normal.
-        torch.mul(values, torch.exp2(-self.level.double()), out=scaled)
-        cells.copy_(scaled.floor_())
-        cells += torch.arange(self.n_units, device=self.device) * self.bins - self.start
-        self.histogram.view(-1).scatter_add_(0, cells.view(-1), ones)
-        # Two passes in float64 (sum, then squared deviations) are exact enough and several
-        # times faster than torch.var_mean's per-element Welford update.
-        as_double = scaled.copy_(values)
-        mean = as_double.sum(0) / n
-        m2 = as_double.sub_(mean).square_().sum(0)
-        self._add_moments(torch.full_like(self.count, n), mean, m2, low, high)
+        # numpy's reductions are vectorised (several times faster than a compiled loop here).
+        low, high = values.min(0).astype(np.float64), values.max(0).astype(np.float64)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise ValueError("values must be finite (NaN or infinity would have no histogram bin)")
+        self._fit_window(np.minimum(self._min.numpy(), low), np.maximum(self._max.numpy(), high), arriving=np.ones(self.n_units, dtype=bool))
+        state = (self.count, self._mean, self._m2, self._min, self._max, self.level, self.start, self.histogram)
+        _accumulate_batch(values, low, high, *(tensor.numpy() for tensor in state), self._cell_buffer())
         return self
 
-    def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, n_units) float64 and int64 work buffers and a run of int64 ones, grown as needed
-        (a real tensor of ones: scatter_add_ is slow on an expanded one)."""
-        if self._buffers is None or self._buffers[0].shape[0] < rows or self._buffers[0].shape[1] != self.n_units:
-            self._buffers = (
-                torch.empty(rows, self.n_units, dtype=torch.float64, device=self.device),
-                torch.empty(rows, self.n_units, dtype=torch.int64, device=self.device),
-                torch.ones(rows * self.n_units, dtype=torch.int64, device=self.device),
-            )
-        scaled, cells, ones = self._buffers
-        return scaled[:rows], cells[:rows], ones[: rows * self.n_units]
+    def _cell_buffer(self) -> np.ndarray:
+        """Rows of bin indices between the binning and counting passes, kept between batches."""
+        if self._cells is None or self._cells.shape[1] != self.n_units:
+            self._cells = np.empty((_CELL_ROWS, self.n_units), dtype=np.uint8 if self.bins <= 256 else np.uint16)
+        return self._cells
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_buffers": None}  # work buffers are not sent to another process
+        return {**self.__dict__, "_cells": None}  # the work buffer is not sent to another process
 
     @torch.no_grad()
     def merge(self, other: "RunningStats") -> "RunningStats":
@@ -118,11 +112,11 @@ class RunningStats:
         if other.n_units != self.n_units or other.bins != self.bins:
             raise ValueError("can only merge statistics of the same units and bin count")
         count, mean, m2, low, high, histogram, level, start = (
-            getattr(other, name).to(self.device) for name in ("count", "_mean", "_m2", "_min", "_max", "histogram", "level", "start")
+            getattr(other, name) for name in ("count", "_mean", "_m2", "_min", "_max", "histogram", "level", "start")
         )
-        arriving = count > 0
-        self._fit_window(torch.minimum(self._min, low), torch.maximum(self._max, high), arriving=arriving, at_least=torch.where(arriving, level, self.level))
-        self.histogram += _rebin(histogram, level, start, self.level, self.start, self.bins)
+        arriving = (count > 0).numpy()
+        self._fit_window(np.minimum(self._min.numpy(), low.numpy()), np.maximum(self._max.numpy(), high.numpy()), arriving=arriving, at_least=np.where(arriving, level.numpy(), _NO_LEVEL))
+        _add_rebinned(self.histogram.numpy(), histogram.numpy(), level.numpy(), start.numpy(), self.level.numpy(), self.start.numpy())
         self._add_moments(count, mean, m2, low, high)
         return self
 
@@ -132,9 +126,9 @@ class RunningStats:
         bins = {p.bins for p in parts}
         if len(bins) != 1:
             raise ValueError("can only concatenate statistics with the same bin count")
-        out = cls(0, bins.pop(), device=parts[0].device)
+        out = cls(0, bins.pop())
         for name in ("count", "_mean", "_m2", "_min", "_max", "histogram", "level", "start"):
-            setattr(out, name, torch.cat([getattr(p, name).to(out.device) for p in parts]))
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
         return out
 
     def _add_moments(self, count, mean, m2, minimum, maximum) -> None:
@@ -149,25 +143,9 @@ class RunningStats:
 
     def _fit_window(self, low, high, *, arriving, at_least=None) -> None:
         """Before data ``arriving`` per unit: move each window (and its counts) so [low, high] fits,
-        coarsening the bins (never refining them) as far as needed."""
-        had_data = self.count > 0
-        level = torch.maximum(_level_for(low, high, self.bins), torch.where(had_data, self.level, _level_floor(low, high)))
-        if at_least is not None:
-            level = torch.maximum(level, at_least)
-        first, last = _cell(low, level), _cell(high, level)
-        inside = (first >= self.start) & (last < self.start + self.bins) & (level == self.level)
-        moving = (had_data | arriving) & ~inside
-        if not moving.any():
-            return
-        # Centre the data so later batches have room to grow either way before rebinning.
-        start = first - (self.bins - (last - first + 1)) // 2
-        rows = moving.nonzero()[:, 0]
-        # Units without counts have empty histograms: only their windows move (on a first batch, all of them).
-        filled = (moving & had_data).nonzero()[:, 0]
-        if len(filled):
-            self.histogram[filled] = _rebin(self.histogram[filled], self.level[filled], self.start[filled], level[filled], start[filled], self.bins)
-        self.level[rows] = level[rows]
-        self.start[rows] = start[rows]
+        coarsening the bins (never refining them) as far as needed; ``at_least``: a level floor per unit."""
+        at_least = np.full(self.n_units, _NO_LEVEL) if at_least is None else np.ascontiguousarray(at_least, dtype=np.int64)
+        _fit_windows(low, high, (self.count > 0).numpy(), arriving, at_least, self.level.numpy(), self.start.numpy(), self.histogram.numpy())
 
     # -- results ----------------------------------------------------------------------------
 
@@ -199,16 +177,16 @@ class RunningStats:
     @property
     def edges(self) -> torch.Tensor:
         """``(n_units, bins + 1)`` bin edges; exact (multiples of a power of two)."""
-        cells = self.start[:, None] + torch.arange(self.bins + 1, device=self.device)
+        cells = self.start[:, None] + torch.arange(self.bins + 1)
         return cells.double() * self.bin_width[:, None]
 
     def peak(self, method: str = "refined") -> torch.Tensor:
         """The modal value per unit (``"naive"``: fullest bin's centre; ``"refined"``: see module doc)."""
-        counts = self.histogram.double()
         if method == "naive":
-            offset = counts.argmax(1).double() + 0.5
+            offset = self.histogram.argmax(1).double() + 0.5
         elif method == "refined":
-            offset = _refined_mode(counts, self._min / self.bin_width - self.start, self._max / self.bin_width - self.start)
+            as_offset = lambda value: (value / self.bin_width - self.start).numpy()  # noqa: E731
+            offset = torch.from_numpy(_refined_modes(self.histogram.numpy(), as_offset(self._min), as_offset(self._max)))
         else:
             raise ValueError(f"method must be 'naive' or 'refined', got {method!r}")
         return torch.where(self.count > 0, (self.start.double() + offset) * self.bin_width, torch.nan)
@@ -236,11 +214,11 @@ class RunningStats:
         return dataset
 
     @classmethod
-    def from_dataset(cls, dataset, *, device="cpu") -> "RunningStats":
+    def from_dataset(cls, dataset) -> "RunningStats":
         """Restore an accumulator saved with :meth:`to_dataset` (it can keep accumulating)."""
         bins = int(dataset.sizes["bin"])
-        out = cls(int(dataset.sizes["unit"]), bins, device=device)
-        tensor = lambda name, dtype: torch.as_tensor(np.asarray(dataset[name].values), dtype=dtype, device=out.device)  # noqa: E731
+        out = cls(int(dataset.sizes["unit"]), bins)
+        tensor = lambda name, dtype: torch.as_tensor(np.asarray(dataset[name].values), dtype=dtype)  # noqa: E731
         out.count = tensor("count", torch.int64)
         seen = out.count > 0
         out._mean = torch.where(seen, tensor("mean", torch.float64), 0.0)
@@ -259,83 +237,189 @@ class RunningStats:
         write_netcdf(self.to_dataset(units), path)
 
     @classmethod
-    def load(cls, path, *, device="cpu") -> "RunningStats":
+    def load(cls, path) -> "RunningStats":
         import xarray as xr
 
-        return cls.from_dataset(xr.load_dataset(path, engine="h5netcdf"), device=device)
+        return cls.from_dataset(xr.load_dataset(path, engine="h5netcdf"))
 
 
-def _cell(values: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    return torch.floor(values * torch.exp2(-level.double())).long()
+# -- compiled kernels ------------------------------------------------------------------------
+# Loops over units (and, for a batch, its tokens) compiled with numba: a loop per unit costs no
+# more than the vectorised tensor code it replaced and avoids its temporaries; compiled once per
+# dtype and cached on disk, and free of the GIL, so the recorder's writer thread runs them
+# beside the next forward.
 
 
-def _level_floor(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    magnitude = torch.maximum(low.abs(), high.abs())
-    magnitude = torch.where(torch.isfinite(magnitude), magnitude, torch.zeros_like(magnitude))
-    return torch.frexp(magnitude).exponent.long() - LEVEL_SPAN
+def _as_float_array(values) -> np.ndarray:
+    """A C-contiguous float32 or float64 numpy view (or copy) of a tensor or array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()  # exact; half precision would overflow when scaled to cells
+        values = values.numpy()
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float32 if values.dtype.itemsize <= 4 else np.float64)
+    return np.ascontiguousarray(values)
 
 
-def _level_for(low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
-    """The finest level at which [low, high] covers at most ``bins`` cells (never below the floor)."""
-    floor = _level_floor(low, high)
-    span = torch.where(high >= low, high - low, torch.zeros_like(high))
+@numba.njit(nogil=True, cache=True)
+def _accumulate_batch(values, low, high, count, mean, m2, minimum, maximum, level, start, histogram, cells):
+    """Add a batch (every unit's window already covers it) to the counts and moments, in place.
+
+    Bins: ``floor(value * 2**-level) - start``, an exact power-of-two scaling (``start`` as a
+    float64 keeps the loop vectorised; the clamp only keeps memory safe). Rows are binned
+    ``len(cells)`` at a time, then counted unit by unit, so the counting reads a buffer that
+    stays in cache instead of scattering increments over every unit's histogram row by row.
+    Moments are summed about the batch's mid-range, which lies inside the data, so the one-pass
+    sums lose nothing that matters in float64, then merged with Chan's formula.
+    """
+    n, units = values.shape
+    capacity, last = cells.shape[0], histogram.shape[1] - 1
+    scale, first = np.empty(units), np.empty(units)
+    shift, sums, squares = (low + high) / 2, np.zeros(units), np.zeros(units)
+    for j in range(units):
+        scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
+    for block in range(0, n, capacity):
+        filled = min(capacity, n - block)
+        for k in range(filled):
+            row, binned = values[block + k], cells[k]
+            for j in range(units):
+                value = np.float64(row[j])
+                deviation = value - shift[j]
+                sums[j] += deviation
+                squares[j] += deviation * deviation
+                binned[j] = min(max(np.floor(value * scale[j]) - first[j], 0.0), last)
+        for j in range(units):
+            counts = histogram[j]
+            for k in range(filled):
+                counts[cells[k, j]] += 1
+    for j in range(units):
+        batch_mean = shift[j] + sums[j] / n
+        batch_m2 = max(squares[j] - sums[j] * sums[j] / n, 0.0)
+        total = count[j] + n
+        weight = n / total
+        delta = batch_mean - mean[j]
+        mean[j] += delta * weight
+        m2[j] += batch_m2 + delta * delta * count[j] * weight
+        count[j] = total
+        minimum[j] = min(minimum[j], low[j])
+        maximum[j] = max(maximum[j], high[j])
+
+
+@numba.njit(cache=True)
+def _level_floor(low, high):
+    magnitude = max(abs(low), abs(high))
+    if not np.isfinite(magnitude):
+        magnitude = 0.0
+    return np.int64(math.frexp(magnitude)[1]) - LEVEL_SPAN
+
+
+@numba.njit(cache=True)
+def _cell(value, level):
+    return np.int64(math.floor(math.ldexp(value, -level)))
+
+
+@numba.njit(cache=True)
+def _level_for(low, high, bins, floor):
+    """The finest level at which [low, high] covers at most ``bins`` cells (never below ``floor``)."""
+    span = high - low if high >= low else 0.0
     # At width w, [low, high] touches at most span / w + 2 cells, so this level always fits...
-    safe = torch.ceil(torch.log2(span / (bins - 2))).nan_to_num(neginf=-1e4).long().maximum(floor)
+    safe = floor if span == 0.0 else max(np.int64(math.ceil(math.log2(span / (bins - 2)))), floor)
     # ...and often the one below does too.
-    finer = (safe - 1).maximum(floor)
-    fits = _cell(high, finer) - _cell(low, finer) + 1 <= bins
-    return torch.where(fits, finer, safe)
+    finer = max(safe - 1, floor)
+    return finer if _cell(high, finer) - _cell(low, finer) + 1 <= bins else safe
 
 
-def _rebin(histogram, level, start, new_level, new_start, bins: int) -> torch.Tensor:
-    """Counts of cells (level, start + i) moved to the coarser cells (new_level, new_start + j)."""
-    cells = start[:, None] + torch.arange(bins, device=histogram.device)
-    shift = (new_level - level).clamp(0, 62)[:, None]
-    target = (torch.bitwise_right_shift(cells, shift) - new_start[:, None]).clamp(0, bins - 1)
-    return torch.zeros_like(histogram).scatter_add_(1, target, histogram)
+@numba.njit(cache=True)
+def _rebin_into(out, counts, level, start, new_level, new_start):
+    """Add the counts of cells (level, start + i) into the coarser cells (new_level, new_start + k)."""
+    bins = len(counts)
+    shift = min(max(new_level - level, 0), 62)
+    for i in range(bins):
+        if counts[i]:
+            out[min(max(((start + i) >> shift) - new_start, 0), bins - 1)] += counts[i]
 
 
-def _smooth(rows: torch.Tensor) -> torch.Tensor:
-    """Each row convolved with the binomial kernel, zero outside (shifted sums: conv1d is slow
-    for many short rows)."""
-    half = len(_SMOOTHING) // 2
-    padded = torch.nn.functional.pad(rows, (half, half))
-    width = rows.shape[1]
-    smoothed = padded[:, :width] * _SMOOTHING[0]
-    for i, weight in enumerate(_SMOOTHING[1:], 1):
-        smoothed.add_(padded[:, i : i + width], alpha=weight)  # in place: no temporary per tap
-    return smoothed.div_(sum(_SMOOTHING))
+@numba.njit(nogil=True, cache=True)
+def _fit_windows(low, high, had_data, arriving, at_least, level, start, histogram):
+    """Move each window that [low, high] leaves (its counts with it): see :meth:`RunningStats._fit_window`."""
+    units, bins = histogram.shape
+    moved = np.empty(bins, dtype=histogram.dtype)
+    for j in range(units):
+        if not (had_data[j] or arriving[j]):
+            continue
+        floor = _level_floor(low[j], high[j])
+        new_level = max(_level_for(low[j], high[j], bins, floor), level[j] if had_data[j] else floor, at_least[j])
+        first, last = _cell(low[j], new_level), _cell(high[j], new_level)
+        if new_level == level[j] and first >= start[j] and last < start[j] + bins:
+            continue
+        # Centre the data so later batches have room to grow either way before rebinning.
+        new_start = first - (bins - (last - first + 1)) // 2
+        if had_data[j]:
+            moved[:] = 0
+            _rebin_into(moved, histogram[j], level[j], start[j], new_level, new_start)
+            histogram[j] = moved
+        level[j], start[j] = new_level, new_start
 
 
-def _refined_mode(counts: torch.Tensor, first_value: torch.Tensor, last_value: torch.Tensor) -> torch.Tensor:
-    """Fractional bin offset of the mode (0 = left edge of bin 0) per row of ``counts``.
+@numba.njit(nogil=True, cache=True)
+def _add_rebinned(histogram, counts, levels, starts, level, start):
+    """Every unit's ``counts`` (at its ``levels`` / ``starts``) added into ``histogram`` at ``level`` / ``start``."""
+    for j in range(histogram.shape[0]):
+        _rebin_into(histogram[j], counts[j], levels[j], starts[j], level[j], start[j])
+
+@numba.njit(cache=True)
+def _log_density(smooth, i, first, last):
+    return math.log(max(smooth[i] if first <= i <= last else 0.0, 1e-300))
+
+
+@numba.njit(nogil=True, cache=True)
+def _refined_modes(counts, first_value, last_value):
+    """Fractional bin offset of the mode (0 = left edge of bin 0) per row of ``counts``; see the module doc.
 
     ``first_value`` / ``last_value``: the exact minimum and maximum, as bin offsets.
     """
-    bins = counts.shape[1]
-    position = torch.arange(bins, device=counts.device)
-    occupied = counts > 0
-    first = torch.where(occupied, position, bins).amin(1)
-    last = torch.where(occupied, position, -1).amax(1)
-    support = ((position >= first[:, None]) & (position <= last[:, None])).to(counts.dtype)
-    # The end bins hold data only between the minimum (maximum) and their inner edge: count
-    # them as densities over that covered part (at least a quarter bin, to bound the noise).
-    covered_first = (first.double() + 1 - first_value).clamp(0.25, 1)
-    covered_last = (last_value - last.double()).clamp(0.25, 1)
-    counts = counts.clone()
-    rows = torch.arange(counts.shape[0], device=counts.device)
-    counts[rows, first.clamp(max=bins - 1)] /= torch.where(first == last, 1.0, covered_first)
-    counts[rows, last.clamp(min=0)] /= torch.where(first == last, 1.0, covered_last)
-    # Dividing by the smoothed support keeps a pile-up against the edge of the support (GELU's
-    # minimum, ReLU's zero) where it is instead of smearing it inwards.
-    smooth = _smooth(counts) / _smooth(support).clamp(min=1e-12) * support
-    best = smooth.argmax(1)
-    index = best.clamp(1, bins - 2)[:, None] + torch.arange(-1, 2, device=counts.device)
-    left, centre, right = torch.log(smooth.gather(1, index).clamp(min=1e-300)).unbind(1)
-    curvature = left - 2 * centre + right
-    shift = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp(max=-1e-300), torch.zeros_like(centre))
-    offset = best.double() + 0.5 + shift.clamp(-0.5, 0.5)
-    # Densest at an edge of the support: the mode is that edge, known exactly.
-    offset = torch.where(best == first, first_value, offset)
-    offset = torch.where(best == last, last_value, offset)
-    return torch.where(first == last, (first_value + last_value) / 2, offset)
+    units, bins = counts.shape
+    taps = np.array(_SMOOTHING)
+    half = len(taps) // 2
+    offsets = np.full(units, np.nan)
+    density, smooth = np.empty(bins), np.empty(bins)
+    for j in range(units):
+        first, last = bins, -1
+        for i in range(bins):
+            if counts[j, i] > 0:
+                first, last = min(first, i), i
+        if last < 0:
+            continue
+        if first == last:
+            offsets[j] = (first_value[j] + last_value[j]) / 2
+            continue
+        for i in range(bins):
+            density[i] = counts[j, i]
+        # The end bins hold data only between the minimum (maximum) and their inner edge: count
+        # them as densities over that covered part (at least a quarter bin, to bound the noise).
+        density[first] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
+        density[last] /= min(max(last_value[j] - last, 0.25), 1.0)
+        # Smoothed density over smoothed support: a pile-up against the edge of the support
+        # (GELU's minimum, ReLU's zero) stays where it is instead of being smeared inwards.
+        best = first
+        for i in range(first, last + 1):
+            weighted, support = 0.0, 0.0
+            for k in range(max(i - half, first), min(i + half, last) + 1):
+                weighted += taps[k - i + half] * density[k]
+                support += taps[k - i + half]
+            smooth[i] = weighted / support  # the tap at k = i always counts: support >= 6
+            if smooth[i] > smooth[best]:
+                best = i
+        centre = min(max(best, 1), bins - 2)
+        left, middle, right = _log_density(smooth, centre - 1, first, last), _log_density(smooth, centre, first, last), _log_density(smooth, centre + 1, first, last)
+        curvature = left - 2 * middle + right
+        shift = 0.5 * (left - right) / min(curvature, -1e-300) if curvature < 0 else 0.0
+        offsets[j] = best + 0.5 + min(max(shift, -0.5), 0.5)
+        # Densest at an edge of the support: the mode is that edge, known exactly.
+        if best == first:
+            offsets[j] = first_value[j]
+        if best == last:
+            offsets[j] = last_value[j]
+    return offsets

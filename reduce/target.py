@@ -28,6 +28,11 @@ class Target:
         return [self.site] if self.kind == "neuron" else []
 
     @property
+    def reads_output(self) -> bool:
+        """Whether the target needs the model's output (logits), not only recorded sites."""
+        return self.kind != "neuron"
+
+    @property
     def name(self) -> str:
         if self.kind == "neuron":
             return f"{self.site.name}[{self.unit}]"

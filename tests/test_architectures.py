@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from reduce.hooks import Intervention, hooked, start_at_layer
+from reduce.hooks import ForwardStopped, Intervention, hooked, start_at_layer
 from reduce.sites import Site, resolve_sites
 from tests.tiny import CONFIGS, MLP_BY_HAND, tiny_inputs, tiny_model
 
@@ -72,3 +72,44 @@ def test_start_at_layer_equals_full_run(family):
         with start_at_layer(model, 1, recorded[resid.name]), hooked(model, interventions={site: ablate}):
             resumed = _out(model, inputs)
     torch.testing.assert_close(resumed, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_forward_stopped_after_its_sites_records_what_a_full_one_does(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model)
+    sites = [Site.parse("blocks.0.attn.hook_z"), Site.parse("blocks.1.mlp.hook_post")]
+    last_layer_ran = []
+    model.layer(1).get_submodule(model.arch.mlp_out).register_forward_hook(lambda *args: last_layer_ran.append(True))
+    with torch.no_grad():
+        with hooked(model, record=sites) as full:
+            _out(model, inputs)
+            full = {name: value.clone() for name, value in full.items()}
+        del last_layer_ran[:]
+        with hooked(model, record=sites, stop_after_record=True) as stopped:
+            with pytest.raises(ForwardStopped):
+                _out(model, inputs)
+    assert not last_layer_ran, "the out-projection after the last recorded site must not run"
+    for name in full:
+        assert torch.equal(stopped[name], full[name])
+
+
+def test_each_stopping_forward_waits_for_all_of_its_own_sites():
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs(model)
+    first, second = Site.parse("blocks.0.mlp.hook_post"), Site.parse("blocks.1.mlp.hook_post")
+    resid = Site.parse("blocks.1.hook_resid_pre")
+    with torch.no_grad():
+        with hooked(model, record=[resid]) as clean:
+            _out(model, inputs)
+        with hooked(model, record=[first, second]) as full:
+            _out(model, inputs)
+            expected = full[second.name].clone()
+        with hooked(model, record=[first, second], stop_after_record=True) as recorded:
+            # Resumed at layer 1, the forward never sees blocks.0 and runs to the end ...
+            with start_at_layer(model, 1, clean[resid.name] * 2):
+                _out(model, inputs)
+            # ... and the next one must still wait for its own blocks.1, not stop at blocks.0.
+            with pytest.raises(ForwardStopped):
+                _out(model, inputs)
+    assert torch.equal(recorded[second.name], expected)
