@@ -39,12 +39,14 @@ previous one.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numba
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -151,62 +153,123 @@ def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _S
     ridge is safe and no loss needs evaluating; otherwise
     (poisson) the step is found by backtracking. Converged when the gradient mapping (the
     proximal step divided by the step size, zero exactly at the optimum) is below
-    ``tol × std(y)`` in every coordinate.
+    ``tol × std(y)`` in every coordinate. The iterations run compiled (:func:`_fista`): each is a
+    few products with a design of tens of columns, where interpreted numpy would spend most of
+    its time dispatching.
     """
-    n = len(y)
     ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
     thresholds = alpha * penalty.l1_ratio * penalty.group_weights
-
-    def smooth(coef, eta):
-        return family.loss(y, eta).mean() + 0.5 * np.dot(ridge * coef, coef)
-
     if start is None:
         start = _Solution(float(family.link(y.mean())), np.zeros(design.shape[1]))
     backtrack = family.curvature is None
     lipschitz = start.lipschitz if backtrack else family.curvature * gram_norm + ridge.max(initial=0.0)
-    b, w = start.intercept, start.coef.copy()
-    eta = b + design @ w
-    yb, yw, eta_y, momentum = b, w, eta, 1.0
     tolerance = tol * max(float(y.std()), 1e-12)
+    intercept, coef, n_iter, converged, lipschitz, objective = _fista(
+        design, y, _FAMILY_CODES[family.name], penalty.grouped, penalty.group_of, ridge, thresholds,
+        float(start.intercept), np.array(start.coef, dtype=float), float(lipschitz), backtrack, tolerance, max_iter,
+    )
+    return _Solution(float(intercept), coef, float(objective), int(n_iter), bool(converged), float(lipschitz))
+
+
+_FAMILY_CODES = {"bernoulli": 0, "gaussian": 1, "poisson": 2}
+
+
+@numba.njit(cache=True)
+def _mean_of(code, eta):
+    if code == 0:
+        out = np.empty_like(eta)
+        for i in range(len(eta)):  # the logistic function without overflow on either side
+            if eta[i] >= 0:
+                out[i] = 1.0 / (1.0 + math.exp(-eta[i]))
+            else:
+                e = math.exp(eta[i])
+                out[i] = e / (1.0 + e)
+        return out
+    if code == 1:
+        return eta.copy()
+    return np.exp(eta)
+
+
+@numba.njit(cache=True)
+def _mean_loss(code, y, eta):
+    total = 0.0
+    for i in range(len(y)):
+        if code == 0:  # log(1 + e^η) − yη, stably
+            total += max(eta[i], 0.0) + math.log1p(math.exp(-abs(eta[i]))) - y[i] * eta[i]
+        elif code == 1:
+            total += 0.5 * (y[i] - eta[i]) ** 2
+        else:
+            total += math.exp(eta[i]) - y[i] * eta[i]
+    return total / len(y)
+
+
+@numba.njit(cache=True)
+def _group_norms(coef, grouped, group_of, n_groups):
+    norms = np.zeros(n_groups)
+    for k in range(len(grouped)):
+        norms[group_of[k]] += coef[grouped[k]] ** 2
+    return np.sqrt(norms)
+
+
+@numba.njit(cache=True)
+def _fista(design, y, code, grouped, group_of, ridge, thresholds, b, w, lipschitz, backtrack, tolerance, max_iter):
+    """FISTA with adaptive restart on mean loss + ridge + Σ_k thresholds_k ‖w_k‖: see :func:`_solve`.
+
+    Returns (intercept, coef, iterations, converged, last lipschitz, objective).
+    """
+    n, n_groups = len(y), len(thresholds)
+
+    def smooth(coef, eta):
+        return _mean_loss(code, y, eta) + 0.5 * np.dot(ridge * coef, coef)
+
+    eta = design @ w + b
+    yb, yw, eta_y, momentum = b, w.copy(), eta.copy(), 1.0
+    value_y = 0.0
     converged, iteration = False, 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for iteration in range(1, max_iter + 1):
-            if backtrack:
+    new_b, new_w, new_eta = b, w, eta
+    for iteration in range(1, max_iter + 1):
+        if backtrack:
+            value_y = smooth(yw, eta_y)
+            if not np.isfinite(value_y):  # an extrapolated point overflowed: drop the momentum
+                yb, yw, eta_y, momentum = b, w.copy(), eta.copy(), 1.0
                 value_y = smooth(yw, eta_y)
-                if not np.isfinite(value_y):  # an extrapolated point overflowed: drop the momentum
-                    yb, yw, eta_y, momentum = b, w, eta, 1.0
-                    value_y = smooth(yw, eta_y)
-            residual = family.mean(eta_y) - y
-            grad_b, grad_w = residual.sum() / n, design.T @ residual / n + ridge * yw
-            while True:
-                new_b = yb - grad_b / lipschitz
-                new_w = penalty.shrink(yw - grad_w / lipschitz, thresholds / lipschitz)
-                new_eta = design @ new_w
-                new_eta += new_b
-                step_b, step_w = new_b - yb, new_w - yw
-                if not backtrack:
-                    break
-                bound = value_y + grad_b * step_b + grad_w @ step_w + 0.5 * lipschitz * (step_b**2 + step_w @ step_w)
-                if smooth(new_w, new_eta) <= bound + 1e-12 * abs(value_y) or lipschitz > 1e15:
-                    break
-                lipschitz *= 2.0
-            if lipschitz * max(abs(step_b), np.abs(step_w).max(initial=0.0)) <= tolerance:
-                b, w, eta, converged = new_b, new_w, new_eta, True
+        residual = _mean_of(code, eta_y) - y
+        grad_b = residual.sum() / n
+        grad_w = design.T @ residual / n + ridge * yw
+        while True:
+            new_b = yb - grad_b / lipschitz
+            new_w = yw - grad_w / lipschitz
+            # Block soft-thresholding: the proximal operator of Σ_k thresholds_k ‖w_k‖ / L.
+            norms = _group_norms(new_w, grouped, group_of, n_groups)
+            for k in range(len(grouped)):
+                g = group_of[k]
+                new_w[grouped[k]] *= max(0.0, 1.0 - thresholds[g] / lipschitz / max(norms[g], 1e-300))
+            new_eta = design @ new_w + new_b
+            step_b, step_w = new_b - yb, new_w - yw
+            if not backtrack:
                 break
-            # Adaptive restart (O'Donoghue & Candès): momentum that points uphill is dropped.
-            if step_b * (new_b - b) + step_w @ (new_w - w) < 0:
-                momentum = 1.0
-            next_momentum = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * momentum**2))
-            beta = (momentum - 1.0) / next_momentum
-            yb, yw = new_b + beta * (new_b - b), new_w + beta * (new_w - w)
-            eta_y = np.subtract(new_eta, eta, out=eta_y if eta_y is not eta else None)
-            eta_y *= beta
-            eta_y += new_eta
-            b, w, eta, momentum = new_b, new_w, new_eta, next_momentum
-            if backtrack:
-                lipschitz *= 0.9  # let the step grow again where the curvature is lower
-    objective = smooth(w, eta) + float(thresholds @ penalty.norms(w))
-    return _Solution(float(b), w, float(objective), iteration, converged, lipschitz)
+            bound = value_y + grad_b * step_b + np.dot(grad_w, step_w) + 0.5 * lipschitz * (step_b**2 + np.dot(step_w, step_w))
+            if smooth(new_w, new_eta) <= bound + 1e-12 * abs(value_y) or lipschitz > 1e15:
+                break
+            lipschitz *= 2.0
+        largest = abs(step_b)
+        for j in range(len(step_w)):
+            largest = max(largest, abs(step_w[j]))
+        if lipschitz * largest <= tolerance:
+            b, w, eta, converged = new_b, new_w, new_eta, True
+            break
+        # Adaptive restart (O'Donoghue & Candès): momentum that points uphill is dropped.
+        if step_b * (new_b - b) + np.dot(step_w, new_w - w) < 0:
+            momentum = 1.0
+        next_momentum = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * momentum**2))
+        beta = (momentum - 1.0) / next_momentum
+        yb, yw = new_b + beta * (new_b - b), new_w + beta * (new_w - w)
+        eta_y = new_eta + beta * (new_eta - eta)
+        b, w, eta, momentum = new_b, new_w, new_eta, next_momentum
+        if backtrack:
+            lipschitz *= 0.9  # let the step grow again where the curvature is lower
+    objective = smooth(w, eta) + np.dot(thresholds, _group_norms(w, grouped, group_of, n_groups))
+    return b, w, iteration, converged, lipschitz, objective
 
 
 # ----------------------------------------------------------------------------------------------

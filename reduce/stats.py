@@ -1,6 +1,6 @@
 """Streaming per-unit statistics: count, mean, variance, min, max, histogram and peak (mode).
 
-Everything is vectorised over units and accumulated in float64: moments merge with Chan's
+Everything is per unit (no Python loop over units) and accumulated in float64: moments merge with Chan's
 formula, so batches (or whole runs on other machines) combine in any grouping.
 
 Histograms live on a dyadic lattice, which makes them exact under growth and merging. A unit's
