@@ -117,7 +117,7 @@ class RunningStats:
         arriving = (count > 0).numpy()
         self._fit_window(np.minimum(self._min.numpy(), low.numpy()), np.maximum(self._max.numpy(), high.numpy()), arriving=arriving, at_least=np.where(arriving, level.numpy(), _NO_LEVEL))
         _add_rebinned(self.histogram.numpy(), histogram.numpy(), level.numpy(), start.numpy(), self.level.numpy(), self.start.numpy())
-        self._add_moments(count, mean, m2, low, high)
+        _merge_moments(*(tensor.numpy() for tensor in (self.count, self._mean, self._m2, self._min, self._max, count, mean, m2, low, high)))
         return self
 
     @classmethod
@@ -130,16 +130,6 @@ class RunningStats:
         for name in ("count", "_mean", "_m2", "_min", "_max", "histogram", "level", "start"):
             setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
         return out
-
-    def _add_moments(self, count, mean, m2, minimum, maximum) -> None:
-        total = self.count + count
-        weight = count.double() / total.clamp(min=1).double()
-        delta = mean - self._mean
-        self._mean = self._mean + delta * weight
-        self._m2 = self._m2 + m2 + delta**2 * self.count * weight
-        self.count = total
-        self._min = torch.minimum(self._min, minimum)
-        self._max = torch.maximum(self._max, maximum)
 
     def _fit_window(self, low, high, *, arriving, at_least=None) -> None:
         """Before data ``arriving`` per unit: move each window (and its counts) so [low, high] fits,
@@ -272,7 +262,7 @@ def _accumulate_batch(values, low, high, count, mean, m2, minimum, maximum, leve
     ``len(cells)`` at a time, then counted unit by unit, so the counting reads a buffer that
     stays in cache instead of scattering increments over every unit's histogram row by row.
     Moments are summed about the batch's mid-range, which lies inside the data, so the one-pass
-    sums lose nothing that matters in float64, then merged with Chan's formula.
+    sums lose nothing that matters in float64, then merged (:func:`_merge_moments`).
     """
     n, units = values.shape
     capacity, last = cells.shape[0], histogram.shape[1] - 1
@@ -294,17 +284,23 @@ def _accumulate_batch(values, low, high, count, mean, m2, minimum, maximum, leve
             counts = histogram[j]
             for k in range(filled):
                 counts[cells[k, j]] += 1
-    for j in range(units):
-        batch_mean = shift[j] + sums[j] / n
-        batch_m2 = max(squares[j] - sums[j] * sums[j] / n, 0.0)
-        total = count[j] + n
-        weight = n / total
-        delta = batch_mean - mean[j]
-        mean[j] += delta * weight
-        m2[j] += batch_m2 + delta * delta * count[j] * weight
+    batch_m2 = np.maximum(squares - sums * sums / n, 0.0)
+    _merge_moments(count, mean, m2, minimum, maximum, np.full(units, n), shift + sums / n, batch_m2, low, high)
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_moments(count, mean, m2, minimum, maximum, other_count, other_mean, other_m2, other_min, other_max):
+    """Chan's parallel update, unit by unit, in place: the one formula that streaming a batch and
+    merging an accumulator share, so a batch merged adds bit for bit what the batch streamed adds."""
+    for j in range(len(count)):
+        total = count[j] + other_count[j]
+        weight = other_count[j] / max(total, 1)
+        delta = other_mean[j] - mean[j]
+        mean[j] = mean[j] + delta * weight
+        m2[j] = m2[j] + other_m2[j] + delta * delta * count[j] * weight
         count[j] = total
-        minimum[j] = min(minimum[j], low[j])
-        maximum[j] = max(maximum[j], high[j])
+        minimum[j] = min(minimum[j], other_min[j])
+        maximum[j] = max(maximum[j], other_max[j])
 
 
 @numba.njit(cache=True)
