@@ -380,7 +380,7 @@ class _FilterProblem(_Problem):
     """
 
     def __init__(self, features, history, target, family, l1_ratio, temporal_grid, separable, *, tol, max_iter, max_alternations):
-        self.features, self.history, self.target, self.family = features, history, target, family
+        self.features, self.history, self.target, self.family = np.ascontiguousarray(features), history, target, family
         self.l1_ratio, self.temporal_grid, self.separable = l1_ratio, temporal_grid, separable
         self.tol, self.max_iter, self.max_alternations = tol, max_iter, max_alternations
         n_groups, n_spatial, n_temporal = features.shape[1:]
@@ -390,22 +390,10 @@ class _FilterProblem(_Problem):
     def full(self) -> _LinearProblem:
         return self._step_problem(self.features.reshape(len(self.target), -1), int(np.prod(self.features.shape[2:])))
 
-    @cached_property
-    def _by_spatial(self):
-        """Features as (group, sample · spatial coef, temporal coef): s-step designs by matrix-vector products."""
-        n_groups, n_spatial, n_temporal = self.features.shape[1:]
-        return np.ascontiguousarray(self.features.transpose(1, 0, 2, 3)).reshape(n_groups, -1, n_temporal)
-
-    @cached_property
-    def _by_temporal(self):
-        n_groups, n_spatial, n_temporal = self.features.shape[1:]
-        return np.ascontiguousarray(self.features.transpose(1, 0, 3, 2)).reshape(n_groups, -1, n_spatial)
-
-    def _contract(self, by_axis, weights) -> np.ndarray:
-        """Σ over one filter axis of the features weighted by ``weights`` (group, coef): (sample, group · other coef)."""
-        n_groups = len(weights)
-        contracted = np.stack([by_axis[g] @ weights[g] for g in range(n_groups)])
-        return contracted.reshape(n_groups, len(self.target), -1).transpose(1, 0, 2).reshape(len(self.target), -1)
+    def _contract(self, weights, axis: int) -> np.ndarray:
+        """Σ over one filter axis (2: spatial, 3: temporal) of the features weighted by ``weights``
+        (group, coef): the (sample, group · other coef) design of the other axis's step."""
+        return _contract_features(self.features, weights, axis == 2)
 
     def _step_problem(self, filter_design, per_group: int) -> _LinearProblem:
         labels = np.concatenate([np.repeat(np.arange(self.features.shape[1]), per_group), np.full(self.history.shape[1], -1)])
@@ -450,12 +438,12 @@ class _FilterProblem(_Problem):
         previous, n_iter, converged = np.inf, 0, False
         for _ in range(self.max_alternations):
             # With t fixed, each group's drive contribution is linear in s_g: a standardised group lasso ...
-            problem = self._step_problem(self._contract(self._by_spatial, temporal), n_spatial)
+            problem = self._step_problem(self._contract(temporal, 3), n_spatial)
             start = _Solution(intercept, problem.to_whitened(np.concatenate([spatial.ravel(), history])), lipschitz=steps[0].lipschitz)
             spatial_step = problem.fit(alpha, start)
             spatial, history = self._split(problem.to_original(spatial_step.coef), n_spatial)
             # ... and likewise in t_g with s fixed.
-            problem = self._step_problem(self._contract(self._by_temporal, spatial), n_temporal)
+            problem = self._step_problem(self._contract(spatial, 2), n_temporal)
             start = _Solution(spatial_step.intercept, problem.to_whitened(np.concatenate([temporal.ravel(), history])), lipschitz=steps[1].lipschitz)
             temporal_step = problem.fit(alpha, start)
             new_temporal, history = self._split(problem.to_original(temporal_step.coef), n_temporal)
@@ -471,6 +459,24 @@ class _FilterProblem(_Problem):
 
     def drive(self, state: _FilterState) -> np.ndarray:
         return state.intercept + self.features.reshape(len(self.target), -1) @ state.filters.ravel() + self.history @ state.history
+
+
+@numba.njit(cache=True)
+def _contract_features(features, weights, over_spatial):
+    """``features`` (sample, group, spatial, temporal) summed against ``weights`` over the spatial
+    axis (``over_spatial``) or the temporal one, into a (sample, group · remaining coef) design."""
+    n, groups, n_spatial, n_temporal = features.shape
+    kept = n_temporal if over_spatial else n_spatial
+    out = np.zeros((n, groups * kept))
+    for i in range(n):
+        for g in range(groups):
+            for r in range(n_spatial):
+                for c in range(n_temporal):
+                    if over_spatial:
+                        out[i, g * kept + c] += features[i, g, r, c] * weights[g, r]
+                    else:
+                        out[i, g * kept + r] += features[i, g, r, c] * weights[g, c]
+    return out
 
 
 def _sign_convention(temporal_on_grid):
