@@ -42,11 +42,11 @@ def _sizes(quick: bool) -> dict:
     if quick:
         return {"minilm_prompts": 32, "zoo_prompts": 64, "gpt2_small": None, "repetitions": 3, "gpt2_small_repetitions": 0, "full_record_arm": False, "peer_models": ["zoo"]}
     return {
-        "minilm_prompts": 128,
-        "zoo_prompts": 256,
+        "minilm_prompts": 256,
+        "zoo_prompts": 512,
         "gpt2_small": {"prompts": 8, "batch_size": 8, "max_length": 32},
         "repetitions": 5,
-        "gpt2_small_repetitions": 3,
+        "gpt2_small_repetitions": 5,
         "full_record_arm": True,
         "peer_models": ["minilm", "zoo", "gpt2_small"],
     }

@@ -22,12 +22,10 @@ under an MLM head the checkpoint does not have (randomly initialised; the ``_sto
 
 Ratios are peer time over reduce's time, for the peer arm that computes what reduce's forward
 computes (``nnsight_vs_record``, ``transformerlens_vs_record``; goal >= 1.0 on every model and
->= 1.15 on the zoo default): the full forward, since ``reduce.record`` runs the whole model (its
-target reads the output), except where the peer's model carries an output head that reduce's
-does not (TransformerLens's ``BertForMaskedLM`` for MiniLM's ``BertModel``): there the stopped
-arm. Both arms' ratios are reported beside it (``full_forward_vs_record``, ``stopped_vs_record``):
-an early exit that skips the LM head is a real saving a peer's user can have when only the
-sites are wanted. Each peer's saved sites are checked against reduce's on the first batch
+>= 1.15 on the zoo default). ``reduce.record`` ends each forward at the last site it needs when
+its target does not read the output (the workloads' neuron target), so the matched arm is then
+the stopped one; it is the full forward for a target that reads the logits. Both arms' ratios
+are reported beside it (``full_forward_vs_record``, ``stopped_vs_record``). Each peer's saved sites are checked against reduce's on the first batch
 (``max_abs_difference``).
 
 ``transformerlens_stats_vs_ours``: what a TransformerLens user does for the mean and the peak of
@@ -238,7 +236,7 @@ def run_workload(workload, repetitions: int, *, with_stats: bool = True) -> dict
     result["timings"] = timings.summary()
     for name in recorders:
         full, stopped = timings.ratio_summary(name, "reduce_record"), timings.ratio_summary(f"{name}_stop", "reduce_record")
-        matched = stopped if recorders[name].adds_head else full
+        matched = full if workload.target.reads_output and not recorders[name].adds_head else stopped
         result["peers"][name].update({"vs_record": matched, "full_forward_vs_record": full, "stopped_vs_record": stopped, "adds_output_head": recorders[name].adds_head})
     if with_stats and "transformerlens" in recorders:
         recorder = recorders["transformerlens"]

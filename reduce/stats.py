@@ -377,37 +377,40 @@ def _refined_modes(counts, first_value, last_value):
     ``first_value`` / ``last_value``: the exact minimum and maximum, as bin offsets.
     """
     units, bins = counts.shape
-    taps = np.array(_SMOOTHING)
-    half = len(taps) // 2
+    w0, w1, w2 = _SMOOTHING[0], _SMOOTHING[1], _SMOOTHING[2]  # symmetric taps w0 w1 w2 w1 w0
     offsets = np.full(units, np.nan)
-    density, smooth = np.empty(bins), np.empty(bins)
+    # Density and support padded by two zero bins on each side: the five taps need no bounds.
+    density, support, smooth = np.zeros(bins + 4), np.zeros(bins + 4), np.empty(bins)
     for j in range(units):
         first, last = bins, -1
         for i in range(bins):
             if counts[j, i] > 0:
-                first, last = min(first, i), i
+                last = i
+                if first == bins:
+                    first = i
         if last < 0:
             continue
         if first == last:
             offsets[j] = (first_value[j] + last_value[j]) / 2
             continue
-        for i in range(bins):
-            density[i] = counts[j, i]
+        for i in range(first, last + 1):
+            density[i + 2], support[i + 2] = counts[j, i], 1.0
         # The end bins hold data only between the minimum (maximum) and their inner edge: count
         # them as densities over that covered part (at least a quarter bin, to bound the noise).
-        density[first] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
-        density[last] /= min(max(last_value[j] - last, 0.25), 1.0)
+        density[first + 2] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
+        density[last + 2] /= min(max(last_value[j] - last, 0.25), 1.0)
         # Smoothed density over smoothed support: a pile-up against the edge of the support
         # (GELU's minimum, ReLU's zero) stays where it is instead of being smeared inwards.
         best = first
         for i in range(first, last + 1):
-            weighted, support = 0.0, 0.0
-            for k in range(max(i - half, first), min(i + half, last) + 1):
-                weighted += taps[k - i + half] * density[k]
-                support += taps[k - i + half]
-            smooth[i] = weighted / support  # the tap at k = i always counts: support >= 6
+            k = i + 2
+            weighted = w0 * density[k - 2] + w1 * density[k - 1] + w2 * density[k] + w1 * density[k + 1] + w0 * density[k + 2]
+            covered = w0 * support[k - 2] + w1 * support[k - 1] + w2 * support[k] + w1 * support[k + 1] + w0 * support[k + 2]
+            smooth[i] = weighted / covered  # the centre tap always counts: covered >= w2
             if smooth[i] > smooth[best]:
                 best = i
+        density[first + 2 : last + 3] = 0.0
+        support[first + 2 : last + 3] = 0.0
         centre = min(max(best, 1), bins - 2)
         left, middle, right = _log_density(smooth, centre - 1, first, last), _log_density(smooth, centre, first, last), _log_density(smooth, centre + 1, first, last)
         curvature = left - 2 * middle + right
