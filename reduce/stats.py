@@ -73,7 +73,6 @@ class RunningStats:
 
     # -- accumulation ---------------------------------------------------------------------
 
-    @torch.no_grad()
     def update(self, values, rows=None) -> "RunningStats":
         """Add ``values`` of shape ``(n, n_units)``, one row per token; ``rows``: an optional
         ``(n,)`` boolean mask of the rows to count (e.g. real, non-special tokens)."""
@@ -106,7 +105,6 @@ class RunningStats:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cells": None}  # the work buffer is not sent to another process
 
-    @torch.no_grad()
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Add another accumulator of the same units (e.g. from another process) into this one."""
         if other.n_units != self.n_units or other.bins != self.bins:
