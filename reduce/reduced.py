@@ -847,19 +847,18 @@ class ReducedModel(BaseEstimator):
         _check_choice("alpha_rule", self.alpha_rule, ALPHA_RULES)
         dataset = check_dataset(_dataset(X, y), self.family)
         inputs, target = np.asarray(dataset["inputs"].values, dtype=float), np.asarray(dataset["target"].values, dtype=float)
-        spatial = _orthonormal(self.spatial_basis, dataset["distance"].values)
-        temporal = _orthonormal(self.temporal_basis, dataset["lag"].values)
-
-        input_mean = inputs.mean(axis=0)
-        features = _project(inputs, spatial, temporal)
-        features -= features.mean(axis=0)  # = the projection of the centred inputs, without copying them
-        history = np.asarray(dataset["history"].values, dtype=float) if "history" in dataset else np.zeros((len(target), 0))
-        history_mean = history.mean(axis=0)
-        problem = _FilterProblem(
-            features, history - history_mean, target, family, self.l1_ratio, temporal, self.structure == "separable",
-            tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations,
-        )
-        with _one_blas_thread():
+        with _one_blas_thread():  # every product and factorisation of the fit: one core per fit
+            spatial = _orthonormal(self.spatial_basis, dataset["distance"].values)
+            temporal = _orthonormal(self.temporal_basis, dataset["lag"].values)
+            input_mean = inputs.mean(axis=0)
+            features = _project(inputs, spatial, temporal)
+            features -= features.mean(axis=0)  # = the projection of the centred inputs, without copying them
+            history = np.asarray(dataset["history"].values, dtype=float) if "history" in dataset else np.zeros((len(target), 0))
+            history_mean = history.mean(axis=0)
+            problem = _FilterProblem(
+                features, history - history_mean, target, family, self.l1_ratio, temporal, self.structure == "separable",
+                tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations,
+            )
             state, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
                 problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state,
                 start=getattr(self, "_state", None) if self.warm_start else None,
