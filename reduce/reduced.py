@@ -125,14 +125,7 @@ class _Penalty:
         self.l1_ratio = float(l1_ratio)
 
     def norms(self, coef):
-        return np.sqrt(np.bincount(self.group_of, weights=coef[self.grouped] ** 2, minlength=len(self.group_weights)))
-
-    def shrink(self, coef, thresholds):
-        """Block soft-thresholding: the proximal operator of Σ_k thresholds_k ‖coef_k‖."""
-        factor = np.maximum(0.0, 1.0 - thresholds / np.maximum(self.norms(coef), 1e-300))
-        coef = coef.copy()
-        coef[self.grouped] *= factor[self.group_of]
-        return coef
+        return _group_norms(np.asarray(coef, dtype=float), self.grouped, self.group_of, len(self.group_weights))
 
 
 @dataclass
@@ -390,11 +383,6 @@ class _FilterProblem(_Problem):
     def full(self) -> _LinearProblem:
         return self._step_problem(self.features.reshape(len(self.target), -1), int(np.prod(self.features.shape[2:])))
 
-    def _contract(self, weights, axis: int) -> np.ndarray:
-        """Σ over one filter axis (2: spatial, 3: temporal) of the features weighted by ``weights``
-        (group, coef): the (sample, group · other coef) design of the other axis's step."""
-        return _contract_features(self.features, weights, axis == 2)
-
     def _step_problem(self, filter_design, per_group: int) -> _LinearProblem:
         labels = np.concatenate([np.repeat(np.arange(self.features.shape[1]), per_group), np.full(self.history.shape[1], -1)])
         design = np.concatenate([filter_design, self.history], axis=1)
@@ -438,12 +426,12 @@ class _FilterProblem(_Problem):
         previous, n_iter, converged = np.inf, 0, False
         for _ in range(self.max_alternations):
             # With t fixed, each group's drive contribution is linear in s_g: a standardised group lasso ...
-            problem = self._step_problem(self._contract(temporal, 3), n_spatial)
+            problem = self._step_problem(_contract_features(self.features, temporal, over_spatial=False), n_spatial)
             start = _Solution(intercept, problem.to_whitened(np.concatenate([spatial.ravel(), history])), lipschitz=steps[0].lipschitz)
             spatial_step = problem.fit(alpha, start)
             spatial, history = self._split(problem.to_original(spatial_step.coef), n_spatial)
             # ... and likewise in t_g with s fixed.
-            problem = self._step_problem(self._contract(spatial, 2), n_temporal)
+            problem = self._step_problem(_contract_features(self.features, spatial, over_spatial=True), n_temporal)
             start = _Solution(spatial_step.intercept, problem.to_whitened(np.concatenate([temporal.ravel(), history])), lipschitz=steps[1].lipschitz)
             temporal_step = problem.fit(alpha, start)
             new_temporal, history = self._split(problem.to_original(temporal_step.coef), n_temporal)
