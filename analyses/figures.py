@@ -20,7 +20,7 @@ from .runs import CONDITIONS
 from .tables import validated
 
 FILTER_PANELS = ("spatial.png", "temporal.png", "history.png")
-UNIVERSALITY_FIGURES = {"filters_overlay.png": "universality_filters.png", "similarity.png": "universality_similarity.png", "transfer.png": "universality_transfer.png"}
+UNIVERSALITY_FIGURES = {"filters_overlay.png": "filters", "similarity.png": "similarity", "transfer.png": "transfer"}  # saved as universality_KEY_NAME.png
 
 
 def filters_figure_name(key: str) -> str:
@@ -93,7 +93,7 @@ def degradation_figure(run_dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def write_figures(run_dirs: dict[str, Path], universality_dir: Path | None, out_dir: Path) -> list[Path]:
+def write_figures(run_dirs: dict[str, Path], universality_dirs: dict[str, Path], out_dir: Path) -> list[Path]:
     """Every figure of the paper into ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -104,7 +104,7 @@ def write_figures(run_dirs: dict[str, Path], universality_dir: Path | None, out_
     written.append(faithfulness_figure(run_dirs, out_dir / "faithfulness.png"))
     first = CONDITIONS[0]
     written.append(copy_figure(run_dirs[first.key] / "figures" / "validation_scatter.png", out_dir / f"{first.key}_validation_scatter.png"))
-    if universality_dir is not None:
+    for key, directory in universality_dirs.items():
         for source, name in UNIVERSALITY_FIGURES.items():
-            written.append(copy_figure(universality_dir / source, out_dir / name))
+            written.append(copy_figure(directory / source, out_dir / f"universality_{key}_{name}.png"))
     return written

@@ -1,7 +1,7 @@
 """Every number the paper can cite, read from the runs into one flat ``{dotted.key: value}`` dict.
 
 Keys are ``CONDITION.…`` for a condition's run (``sva.held_out``, ``sva.faithfulness.peak.propagated_spearman``),
-``universality.…`` for the zoo comparison and ``anchor.…`` for the quoted neuroscience numbers
+``universality.KEY.…`` for the zoo comparison of condition KEY and ``anchor.…`` for the quoted neuroscience numbers
 (:mod:`analyses.anchors`). Values are numbers or short strings (names, labels); the template
 formats them. Everything here is a function of the run directories.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from reduce.report import RunFiles, baseline_label, metric_label, ordered_baselines, parameter_count, strings, target_description
 
 from .anchors import ANCHORS
-from .runs import CONDITIONS, PaperCondition
+from .runs import CONDITIONS, UNIVERSALITY, PaperCondition
 
 
 # What each control removes, as the text names it ("the costliest removal is the …").
@@ -180,27 +180,27 @@ def thresholded_auroc(run: RunFiles, reduced) -> float:
     return float(roc_auc_score(target[~is_train] > threshold, reduced.predict(test)))
 
 
-def universality_numbers(directory: Path) -> dict:
-    """``universality.json`` flattened, plus counts and ranges over the models."""
+def universality_numbers(key: str, directory: Path) -> dict:
+    """``universality.json`` of condition ``key`` flattened under ``universality.KEY``, plus counts and ranges over the models."""
+    prefix = f"universality.{key}"
     headline = json.loads((Path(directory) / "universality.json").read_text())
-    numbers = flatten("universality", {key: value for key, value in headline.items() if key not in ("models", "per_model", "condition")})
+    numbers = flatten(prefix, {name: value for name, value in headline.items() if name not in ("models", "per_model", "condition")})
     per_model = headline["per_model"]
     held_out = [row["held_out"] for row in per_model.values() if row["held_out"] is not None]
-    numbers.update(
-        {
-            "universality.condition": headline["condition"],
-            "universality.metric": metric_label(headline["metric"]),
-            "universality.models": len(headline["models"]),
-            "universality.model_list": ", ".join(headline["models"]),
-            "universality.architectures": len({row["architecture"] for row in per_model.values()}),
-            "universality.architecture_list": ", ".join(sorted({row["architecture"] for row in per_model.values()})),
-            "universality.converged": len(held_out),
-            "universality.held_out_min": min(held_out) if held_out else None,
-            "universality.held_out_max": max(held_out) if held_out else None,
-            "universality.layers_min": min(row["layers"] for row in per_model.values()),
-            "universality.layers_max": max(row["layers"] for row in per_model.values()),
-        }
-    )
+    summary = {
+        "condition": headline["condition"],
+        "metric": metric_label(headline["metric"]),
+        "models": len(headline["models"]),
+        "model_list": ", ".join(headline["models"]),
+        "architectures": len({row["architecture"] for row in per_model.values()}),
+        "architecture_list": ", ".join(sorted({row["architecture"] for row in per_model.values()})),
+        "converged": len(held_out),
+        "held_out_min": min(held_out) if held_out else None,
+        "held_out_max": max(held_out) if held_out else None,
+        "layers_min": min(row["layers"] for row in per_model.values()),
+        "layers_max": max(row["layers"] for row in per_model.values()),
+    }
+    numbers.update({f"{prefix}.{name}": value for name, value in summary.items()})
     return numbers
 
 
@@ -222,18 +222,20 @@ def comparisons(numbers: dict) -> dict:
             words[f"{key}.compare.{predictor}_propagated"] = relation(
                 numbers.get(f"{key}.faithfulness.average.{predictor}_spearman"), numbers.get(f"{key}.faithfulness.average.propagated_spearman")
             )
-    if "universality.similarity.mean_cross_model_halves" in numbers:
-        words["universality.compare.cross_model_ceiling"] = relation(numbers["universality.similarity.mean_cross_model_halves"], numbers["universality.similarity.mean_ceiling"])
+    for condition in UNIVERSALITY:
+        prefix = f"universality.{condition.key}"
+        if f"{prefix}.similarity.mean_cross_model_halves" in numbers:
+            words[f"{prefix}.compare.cross_model_ceiling"] = relation(numbers[f"{prefix}.similarity.mean_cross_model_halves"], numbers[f"{prefix}.similarity.mean_ceiling"])
     return words
 
 
-def collect_numbers(run_dirs: dict[str, Path], universality_dir: Path | None) -> dict:
-    """Anchors, every condition's numbers, (when there is one) the universality comparison and the comparisons' words, sorted by key."""
+def collect_numbers(run_dirs: dict[str, Path], universality_dirs: dict[str, Path]) -> dict:
+    """Anchors, every condition's numbers, the universality comparisons and the comparisons' words, sorted by key."""
     numbers = dict(ANCHORS)
     for condition in CONDITIONS:
         numbers.update(condition_numbers(condition, run_dirs[condition.key]))
-    if universality_dir is not None:
-        numbers.update(universality_numbers(universality_dir))
+    for key, directory in universality_dirs.items():
+        numbers.update(universality_numbers(key, directory))
     numbers.update(comparisons(numbers))
     return {key: to_plain(numbers[key]) for key in sorted(numbers)}
 

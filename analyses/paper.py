@@ -100,7 +100,7 @@ def build(runs: Path, paper: Path, *, log=sys.stderr) -> Path:
     template_path = paper / "paper.template.md"
     check_template(template_path)  # before hours of runs, not after
     run_dirs, stopped = ensure_runs(runs, log=log)
-    universality_dir = ensure_universality(runs, log=log)
+    universality_dirs = ensure_universality(runs, log=log)
 
     # Imported after the runs, which can take hours: the build reads the code and the template as they are now.
     from reduce.report import markdown_to_html
@@ -110,9 +110,9 @@ def build(runs: Path, paper: Path, *, log=sys.stderr) -> Path:
     from .tables import write_tables
 
     template = check_template(template_path)
-    numbers = collect_numbers(run_dirs, universality_dir)
-    figures = write_figures(run_dirs, universality_dir, paper / "figures")
-    tables = write_tables(numbers, run_dirs, universality_dir, paper / "tables")
+    numbers = collect_numbers(run_dirs, universality_dirs)
+    figures = write_figures(run_dirs, universality_dirs, paper / "figures")
+    tables = write_tables(numbers, run_dirs, universality_dirs, paper / "tables")
     clear_generated(paper / "figures", {path.resolve() for path in figures})
     clear_generated(paper / "tables", {(paper / "tables" / f"{name}.md").resolve() for name in tables})
     text = fill(template, numbers, tables)

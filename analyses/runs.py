@@ -31,8 +31,8 @@ CONDITIONS = (
     PaperCondition("twohop", ROOT / "conditions" / "twohop.toml", "two-hop (zoo)"),
     PaperCondition("minilm", ROOT / "conditions" / "minilm_neuron.toml", "MiniLM neuron"),
 )
-# The condition whose model family the universality comparison spans (every zoo model of its corpus).
-UNIVERSALITY = CONDITIONS[0]
+# The conditions compared across every zoo model of their corpus (the universality comparison).
+UNIVERSALITY = CONDITIONS[:2]
 
 
 def run_dir(runs: Path, condition: PaperCondition) -> Path:
@@ -40,7 +40,7 @@ def run_dir(runs: Path, condition: PaperCondition) -> Path:
     return Path(runs) / condition.path.stem
 
 
-def universality_dir(runs: Path, condition: PaperCondition = UNIVERSALITY) -> Path:
+def universality_dir(runs: Path, condition: PaperCondition) -> Path:
     return Path(runs) / f"universality_{condition.key}"
 
 
@@ -91,13 +91,16 @@ def ensure_runs(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: flo
     return directories, stopped
 
 
-def ensure_universality(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> Path:
-    """Fit the universality condition on every zoo model of its corpus and compare them; return the directory."""
+def ensure_universality(runs: Path, *, log=sys.stderr, wait: float = 3 * 3600, poll: float = 30) -> dict[str, Path]:
+    """Fit each universality condition on every zoo model of its corpus and compare them; return ``{key: directory}``."""
     from reduce.universality import universality
 
-    directory = universality_dir(runs)
-    started = time.perf_counter()
-    print(f"analyses: universality of {UNIVERSALITY.key} over the zoo -> {directory}", file=log, flush=True)
-    when_free(partial(universality, UNIVERSALITY.path, None, directory, progress=False), directory, log=log, wait=wait, poll=poll)
-    print(f"analyses: universality ready after {time.perf_counter() - started:.0f} s", file=log, flush=True)
-    return directory
+    directories = {}
+    for condition in UNIVERSALITY:
+        directory = universality_dir(runs, condition)
+        started = time.perf_counter()
+        print(f"analyses: universality of {condition.key} over the zoo -> {directory}", file=log, flush=True)
+        when_free(partial(universality, condition.path, None, directory, progress=False), directory, log=log, wait=wait, poll=poll)
+        print(f"analyses: universality of {condition.key} ready after {time.perf_counter() - started:.0f} s", file=log, flush=True)
+        directories[condition.key] = directory
+    return directories

@@ -93,7 +93,7 @@ def universality_table(universality_dir: Path) -> str:
     return markdown_table(["model", "architecture", "layers", "units", f"held-out {metric}", "split-half ceiling", "circuit units"], rows, align="llrrrrr")
 
 
-def write_tables(numbers: dict, run_dirs: dict[str, Path], universality_dir: Path | None, out_dir: Path) -> dict[str, str]:
+def write_tables(numbers: dict, run_dirs: dict[str, Path], universality_dirs: dict[str, Path], out_dir: Path) -> dict[str, str]:
     """Every table into ``out_dir/NAME.md``; returns ``{NAME: markdown}``."""
     from reduce.store import atomic_write
 
@@ -103,8 +103,8 @@ def write_tables(numbers: dict, run_dirs: dict[str, Path], universality_dir: Pat
         "degradation": degradation_table(run_dirs),
         "faithfulness": faithfulness_table(run_dirs),
     }
-    if universality_dir is not None:
-        tables["universality"] = universality_table(universality_dir)
+    for key, directory in universality_dirs.items():
+        tables[f"universality_{key}"] = universality_table(directory)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in tables.items():
         with atomic_write(out_dir / f"{name}.md") as handle:
