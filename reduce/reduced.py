@@ -90,16 +90,16 @@ def _poisson_deviance(y, mean):
 class Family:
     name: str
     mean: Callable  # inverse link
-    loss: Callable  # per-sample negative log-likelihood of (y, drive), up to a constant
+    code: int  # the compiled solver's number for the family (its mean and loss: _mean_of, _mean_loss)
     unit_deviance: Callable  # of (y, mean)
     link: Callable
     curvature: float | None  # bound on the loss's second derivative in the drive (None: unbounded)
 
 
 FAMILIES = {
-    "bernoulli": Family("bernoulli", expit, lambda y, eta: np.logaddexp(0.0, eta) - y * eta, _bernoulli_deviance, logit, 0.25),
-    "gaussian": Family("gaussian", lambda eta: eta, lambda y, eta: 0.5 * (y - eta) ** 2, lambda y, mean: (y - mean) ** 2, lambda m: m, 1.0),
-    "poisson": Family("poisson", np.exp, lambda y, eta: np.exp(eta) - y * eta, _poisson_deviance, np.log, None),
+    "bernoulli": Family("bernoulli", expit, 0, _bernoulli_deviance, logit, 0.25),
+    "gaussian": Family("gaussian", lambda eta: eta, 1, lambda y, mean: (y - mean) ** 2, lambda m: m, 1.0),
+    "poisson": Family("poisson", np.exp, 2, _poisson_deviance, np.log, None),
 }
 
 
@@ -158,17 +158,15 @@ def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _S
     lipschitz = start.lipschitz if backtrack else family.curvature * gram_norm + ridge.max(initial=0.0)
     tolerance = tol * max(float(y.std()), 1e-12)
     intercept, coef, n_iter, converged, lipschitz, objective = _fista(
-        design, y, _FAMILY_CODES[family.name], penalty.grouped, penalty.group_of, ridge, thresholds,
+        design, y, family.code, penalty.grouped, penalty.group_of, ridge, thresholds,
         float(start.intercept), np.array(start.coef, dtype=float), float(lipschitz), backtrack, tolerance, max_iter,
     )
     return _Solution(float(intercept), coef, float(objective), int(n_iter), bool(converged), float(lipschitz))
 
 
-_FAMILY_CODES = {"bernoulli": 0, "gaussian": 1, "poisson": 2}
-
-
 @numba.njit(cache=True)
 def _mean_of(code, eta):
+    """The inverse link of family ``code`` (0 bernoulli, 1 gaussian, 2 poisson) at every drive."""
     if code == 0:
         out = np.empty_like(eta)
         for i in range(len(eta)):  # the logistic function without overflow on either side
@@ -185,6 +183,7 @@ def _mean_of(code, eta):
 
 @numba.njit(cache=True)
 def _mean_loss(code, y, eta):
+    """Mean negative log-likelihood of family ``code`` at the drives ``eta``, up to a constant."""
     total = 0.0
     for i in range(len(y)):
         if code == 0:  # log(1 + e^η) − yη, stably
