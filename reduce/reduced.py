@@ -22,7 +22,8 @@ group (e.g. the inhibitory one), plus an optional ridge part; the history term i
 Penalising each group's contribution rather than its coefficients (the standardised group lasso)
 makes the penalty independent of the basis parametrisation and of the inputs' scale. In whitened
 coordinates (each group's design orthonormalised) the proximal step is closed-form block
-soft-thresholding, so FISTA (accelerated proximal gradient with adaptive restart) minimises the
+soft-thresholding, so proximal Newton (narrow designs: a few iterations, each one weighted Gram)
+or FISTA (wide designs: accelerated proximal gradient with adaptive restart) minimises the
 objective exactly; no library offers this penalty for these families.
 
 ``structure="separable"`` constrains F_g(d, l) = s_g(d) · t_g(l). The objective restricted to
@@ -32,8 +33,9 @@ removed by ‖t_g‖ = 1 on the grid and Σ_l t_g(l) ≥ 0, so an inhibitory gro
 negative spatial filter.
 
 α is chosen by K-fold cross-validation (held-out deviance) over a log-spaced path from α_max
-(every group dropped) down, with folds that never split a block, warm-starting each α from the
-previous one.
+(every group dropped) down, with folds that never split a block: the fit on all samples follows
+the path, each α warm-started from the previous one, and each fold's fit at an α starts from the
+all-samples fit at that α (the fold fits run on threads with ``n_jobs``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -50,6 +53,7 @@ import numba
 import numpy as np
 import pandas as pd
 import xarray as xr
+from joblib import effective_n_jobs
 from scipy.special import expit, logit, xlogy
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
@@ -164,7 +168,175 @@ def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _S
     return _Solution(float(intercept), coef, float(objective), int(n_iter), bool(converged), float(lipschitz))
 
 
-@numba.njit(cache=True)
+# A Newton step costs one weighted Gram of the design (n·p²) and saves most of the 20–50 gradient
+# passes (n·p each) FISTA takes per solve. Measured on the GLM benchmark (10,000 samples): the
+# separable steps' 15–23 columns solve 3× faster by Newton, the full grid's 123 columns 1.3×
+# slower.
+NEWTON_MAX_COLUMNS = 64
+NEWTON_DAMPING = 1e-8  # added to the Hessian's diagonal, in whitened units (a column's variance is 1)
+
+
+def _solve_newton(design, transform, y, family: Family, penalty: _Penalty, alpha: float, start: _Solution | None, *, tol: float, max_iter: int) -> _Solution:
+    """The same minimisation as :func:`_solve`, by proximal Newton: for narrow designs.
+
+    The coefficients are whitened (Z = ``design`` · ``transform``); Z itself is never formed.
+    Each iteration forms the Hessian Hz = [1 Z]ᵀ W [1 Z] / n (+ ridge) at the current drive (one
+    weighted Gram of the design, mapped through the transform), minimises the quadratic model
+    plus the group penalty exactly (compiled FISTA in p + 1 dimensions, :func:`_quadratic_step`:
+    no pass over the samples) and backtracks along the step until the objective falls enough
+    (Armijo). The stopping rule is :func:`_solve`'s: the gradient mapping at the iterate, with the
+    step 1 / λ_max(Hz), below ``tol × std(y)`` in every coordinate. Near the optimum each
+    iteration multiplies the number of correct digits, so a warm-started solve takes two or three
+    iterations, each about as costly as a dozen gradient passes.
+    """
+    ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
+    thresholds = alpha * penalty.l1_ratio * penalty.group_weights
+    if start is None:
+        start = _Solution(float(family.link(y.mean())), np.zeros(transform.shape[1]))
+    tolerance = tol * max(float(y.std()), 1e-12)
+    theta = np.concatenate([[start.intercept], start.coef]).astype(float)
+    theta, objective, n_iter, converged, lipschitz = _newton(
+        np.ascontiguousarray(design, dtype=float), np.ascontiguousarray(transform), y, family.code, ridge, penalty.grouped, penalty.group_of, thresholds, theta, tolerance, max_iter
+    )
+    return _Solution(float(theta[0]), theta[1:].copy(), float(objective), int(n_iter), bool(converged), float(lipschitz if lipschitz > 0 else start.lipschitz))
+
+
+@numba.njit(nogil=True, cache=True)
+def _newton(design, transform, y, code, ridge, grouped, group_of, thresholds, theta, tolerance, max_iter):
+    """:func:`_solve_newton`'s iterations, compiled and without the GIL (cross-validation folds run
+    on threads). Returns (θ, objective, iterations, converged, last λ_max(Hz), or 0 if none)."""
+    n, p = design.shape
+    augmented_transform = np.zeros((p + 1, transform.shape[1] + 1))
+    augmented_transform[0, 0] = 1.0
+    augmented_transform[1:, 1:] = transform
+    none = np.empty(0)
+    eta, loss, mean, weight = _evaluate(code, y, design @ (transform @ theta[1:]) + theta[0], none, 0.0)
+    objective = loss + _penalty_value(theta, ridge, grouped, group_of, thresholds)
+    weighted = np.empty((n, p + 1))
+    lipschitz, converged, iteration = 0.0, False, 0
+    for iteration in range(1, max_iter + 1):
+        residual = mean - y
+        gradient = np.empty(len(theta))
+        gradient[0] = residual.sum() / n
+        gradient[1:] = transform.T @ (design.T @ residual) / n + ridge * theta[1:]
+        if lipschitz > 0 and _gradient_mapping(theta, gradient, grouped, group_of, thresholds, lipschitz) <= tolerance:
+            converged = True
+            break
+        for i in range(n):
+            scale = math.sqrt(weight[i] / n)
+            weighted[i, 0] = scale
+            for j in range(p):
+                weighted[i, j + 1] = scale * design[i, j]
+        hessian = augmented_transform.T @ (weighted.T @ weighted) @ augmented_transform
+        # Damping keeps the model bounded where the weights vanish (separable classes, saturated
+        # drives); any positive-definite model has the same fixed point, so the optimum is unchanged.
+        for j in range(len(theta)):
+            hessian[j, j] += NEWTON_DAMPING + (ridge[j - 1] if j else 0.0)
+        lipschitz = np.linalg.eigvalsh(hessian)[-1]
+        if iteration == 1 and _gradient_mapping(theta, gradient, grouped, group_of, thresholds, lipschitz) <= tolerance:
+            converged = True
+            break
+        target = _quadratic_step(hessian, gradient, theta, grouped, group_of, thresholds, lipschitz, 0.1 * tolerance, 100 * max_iter)
+        step = target - theta
+        step_drive = design @ (transform @ step[1:]) + step[0]
+        # The linearised decrease ∇ᵀd + P(θ + d) − P(θ) of the non-smooth part (the ridge is in ∇).
+        ridge_change = 0.5 * np.dot(ridge * step[1:], step[1:] + 2.0 * theta[1:])
+        decrease = np.dot(gradient, step) + _penalty_value(target, ridge, grouped, group_of, thresholds) - _penalty_value(theta, ridge, grouped, group_of, thresholds) - ridge_change
+        length, accepted = 1.0, False
+        while length >= 1e-10:  # Armijo backtracking: accept once the objective falls by a share of the linearised decrease
+            moved, loss, moved_mean, moved_weight = _evaluate(code, y, eta, step_drive, length)
+            candidate = loss + _penalty_value(theta + length * step, ridge, grouped, group_of, thresholds)
+            if candidate <= objective + 1e-4 * length * decrease + 1e-13 * abs(objective):
+                accepted = True
+                break
+            length *= 0.5
+        if not accepted:  # no step lowers the objective: as far as this precision goes (not converged)
+            break
+        theta = theta + length * step
+        eta, objective, mean, weight = moved, candidate, moved_mean, moved_weight
+    return theta, objective, iteration, converged, lipschitz
+
+
+@numba.njit(nogil=True, cache=True)
+def _evaluate(code, y, eta, step_drive, length):
+    """At the drives η + length · step_drive (η alone when step_drive is empty): the drives, the
+    mean loss of family ``code`` (inf on overflow), the mean and the IRLS weight, from one
+    exponential per sample."""
+    n = len(y)
+    moved, mean, weight = np.empty(n), np.empty(n), np.empty(n)
+    total = 0.0
+    for i in range(n):
+        drive = eta[i] + length * step_drive[i] if len(step_drive) else eta[i]
+        moved[i] = drive
+        if code == 0:  # log(1 + e^η) − yη and the logistic function, stably on either side
+            e = math.exp(-abs(drive))
+            total += max(drive, 0.0) + math.log1p(e) - y[i] * drive
+            mean[i] = 1.0 / (1.0 + e) if drive >= 0 else e / (1.0 + e)
+            weight[i] = mean[i] * (1.0 - mean[i])
+        elif code == 1:
+            total += 0.5 * (y[i] - drive) ** 2
+            mean[i], weight[i] = drive, 1.0
+        else:
+            m = math.exp(drive)
+            total += m - y[i] * drive
+            mean[i], weight[i] = m, m
+    loss = total / n
+    return moved, (loss if np.isfinite(loss) else np.inf), mean, weight
+
+
+@numba.njit(nogil=True, cache=True)
+def _penalty_value(theta, ridge, grouped, group_of, thresholds):
+    """½ Σ ridge w² + Σ_k thresholds_k ‖w_k‖ at (intercept, coef) = ``theta``."""
+    coef = theta[1:]
+    return 0.5 * np.dot(ridge * coef, coef) + np.dot(thresholds, _group_norms(coef, grouped, group_of, len(thresholds)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _shrink(coef, grouped, group_of, thresholds):
+    """Block soft-thresholding in place: the proximal operator of Σ_k thresholds_k ‖coef_k‖."""
+    norms = _group_norms(coef, grouped, group_of, len(thresholds))
+    for k in range(len(grouped)):
+        g = group_of[k]
+        coef[grouped[k]] *= max(0.0, 1.0 - thresholds[g] / max(norms[g], 1e-300))
+
+
+@numba.njit(nogil=True, cache=True)
+def _gradient_mapping(theta, gradient, grouped, group_of, thresholds, lipschitz):
+    """max |L (θ − prox(θ − ∇/L))|: zero exactly at the optimum."""
+    moved = theta - gradient / lipschitz
+    coef = moved[1:].copy()
+    _shrink(coef, grouped, group_of, thresholds / lipschitz)
+    moved[1:] = coef
+    return lipschitz * np.max(np.abs(moved - theta))
+
+
+@numba.njit(nogil=True, cache=True)
+def _quadratic_step(hessian, gradient, theta, grouped, group_of, thresholds, lipschitz, tolerance, max_iter):
+    """argmin_u ∇ᵀ(u − θ) + ½ (u − θ)ᵀ H (u − θ) + Σ_k thresholds_k ‖u_k‖ (u[0], the intercept,
+    unpenalised): FISTA with adaptive restart in p + 1 dimensions, from the proximal gradient point."""
+    scaled = thresholds / lipschitz
+    current = theta - gradient / lipschitz
+    coef = current[1:].copy()
+    _shrink(coef, grouped, group_of, scaled)
+    current[1:] = coef
+    extrapolated, momentum = current.copy(), 1.0
+    for _ in range(max_iter):
+        new = extrapolated - (gradient + hessian @ (extrapolated - theta)) / lipschitz
+        coef = new[1:].copy()
+        _shrink(coef, grouped, group_of, scaled)
+        new[1:] = coef
+        step = new - extrapolated
+        if lipschitz * np.max(np.abs(step)) <= tolerance:
+            return new
+        if np.dot(step, new - current) < 0:
+            momentum = 1.0
+        next_momentum = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * momentum**2))
+        extrapolated = new + (momentum - 1.0) / next_momentum * (new - current)
+        current, momentum = new, next_momentum
+    return current
+
+
+@numba.njit(nogil=True, cache=True)
 def _mean_of(code, eta):
     """The inverse link of family ``code`` (0 bernoulli, 1 gaussian, 2 poisson) at every drive."""
     if code == 0:
@@ -181,7 +353,7 @@ def _mean_of(code, eta):
     return np.exp(eta)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _mean_loss(code, y, eta):
     """Mean negative log-likelihood of family ``code`` at the drives ``eta``, up to a constant."""
     total = 0.0
@@ -195,7 +367,7 @@ def _mean_loss(code, y, eta):
     return total / len(y)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _group_norms(coef, grouped, group_of, n_groups):
     norms = np.zeros(n_groups)
     for k in range(len(grouped)):
@@ -203,7 +375,7 @@ def _group_norms(coef, grouped, group_of, n_groups):
     return np.sqrt(norms)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _fista(design, y, code, grouped, group_of, ridge, thresholds, b, w, lipschitz, backtrack, tolerance, max_iter):
     """FISTA with adaptive restart on mean loss + ridge + Σ_k thresholds_k ‖w_k‖: see :func:`_solve`.
 
@@ -231,11 +403,7 @@ def _fista(design, y, code, grouped, group_of, ridge, thresholds, b, w, lipschit
         while True:
             new_b = yb - grad_b / lipschitz
             new_w = yw - grad_w / lipschitz
-            # Block soft-thresholding: the proximal operator of Σ_k thresholds_k ‖w_k‖ / L.
-            norms = _group_norms(new_w, grouped, group_of, n_groups)
-            for k in range(len(grouped)):
-                g = group_of[k]
-                new_w[grouped[k]] *= max(0.0, 1.0 - thresholds[g] / lipschitz / max(norms[g], 1e-300))
+            _shrink(new_w, grouped, group_of, thresholds / lipschitz)
             new_eta = design @ new_w + new_b
             step_b, step_w = new_b - yb, new_w - yw
             if not backtrack:
@@ -277,39 +445,63 @@ class _Problem:
 
 
 class _LinearProblem(_Problem):
-    """A penalised GLM on a centred 2-D design whose column blocks are whitened.
+    """A penalised GLM on a 2-D design whose column blocks are whitened.
 
     Block k (the columns labelled k) is multiplied by T_k = V Λ^(−1/2) from the eigendecomposition
-    of its covariance, so its whitened columns are uncorrelated with unit variance (directions of
-    zero variance are dropped). A group lasso on whitened coefficients then penalises
-    ‖Z_k β_k‖ / √n, the RMS of block k's contribution to the drive: it does not depend on how the
-    block is parametrised, and FISTA's steps are well conditioned. Label −1 marks the block outside
-    the group lasso (history), which is whitened and gets the ridge part only.
+    of its second-moment matrix, so its whitened columns are uncorrelated with unit variance
+    (directions of zero variance are dropped). A group lasso on whitened coefficients then
+    penalises ‖Z_k β_k‖ / √n, the RMS of block k's contribution to the drive: it does not depend
+    on how the block is parametrised, and the solvers' steps are well conditioned. Label −1 marks
+    the block outside the group lasso (history), which is whitened and gets the ridge part only.
+
+    Coefficients live in whitened coordinates; the design is kept as given. Newton's method
+    (narrow designs) maps its few products through the dense block-diagonal ``transform``; FISTA
+    (wide designs, many cheap steps) multiplies by the whitened design Z, formed once.
     """
 
-    def __init__(self, whitened, target, family: Family, penalty: _Penalty, blocks, tol: float, max_iter: int):
-        self.whitened, self.target, self.family, self.penalty = whitened, target, family, penalty
+    def __init__(self, design, target, family: Family, penalty: _Penalty, blocks, tol: float, max_iter: int):
+        self.design, self.target, self.family, self.penalty = design, target, family, penalty
         self.blocks = blocks  # [(original columns, T_k, T_k⁺ᵀ)]
         self.tol, self.max_iter = tol, max_iter
 
     @classmethod
-    def build(cls, design, target, family: Family, labels, group_weights, l1_ratio: float, *, tol: float, max_iter: int) -> "_LinearProblem":
-        columns, blocks, white_labels = [], [], []
+    def build(cls, design, target, family: Family, labels, group_weights, l1_ratio: float, *, tol: float, max_iter: int, gram=None) -> "_LinearProblem":
+        """The problem on ``design`` (sample, column) whose columns labelled alike form a block;
+        ``gram`` = XᵀX / n where the caller has it cheaper than a pass over the design."""
+        gram = design.T @ design / len(design) if gram is None else gram
+        blocks, white_labels = [], []
         for label in np.unique(labels):
             original = np.flatnonzero(labels == label)
-            block = design[:, original]
-            variances, directions = np.linalg.eigh(block.T @ block / len(block))
+            variances, directions = np.linalg.eigh(gram[np.ix_(original, original)])
             keep = variances > max(variances.max(initial=0.0), 1e-300) * 1e-10
             directions, scales = directions[:, keep], np.sqrt(variances[keep])
-            columns.append(block @ (directions / scales))
             blocks.append((original, directions / scales, directions * scales))
             white_labels.append(np.full(keep.sum(), label))
         white_labels = np.concatenate(white_labels)
         penalty = _Penalty(white_labels, group_weights, np.ones(len(white_labels)), l1_ratio)
-        return cls(np.asfortranarray(np.concatenate(columns, axis=1)), target, family, penalty, blocks, tol, max_iter)
+        return cls(design, target, family, penalty, blocks, tol, max_iter)
+
+    @cached_property
+    def transform(self) -> np.ndarray:
+        """The dense (column × whitened column) map: Z = X · transform."""
+        transform = np.zeros((self.design.shape[1], len(self.penalty.labels)))
+        start = 0
+        for original, block, _ in self.blocks:
+            transform[original, start : start + block.shape[1]] = block
+            start += block.shape[1]
+        return transform
+
+    @cached_property
+    def whitened(self) -> np.ndarray:
+        whitened = np.empty((len(self.design), len(self.penalty.labels)), order="F")
+        start = 0
+        for original, block, _ in self.blocks:
+            whitened[:, start : start + block.shape[1]] = self.design[:, original] @ block
+            start += block.shape[1]
+        return whitened
 
     def to_original(self, white_coef) -> np.ndarray:
-        coef = np.zeros(sum(len(original) for original, _, _ in self.blocks))
+        coef = np.zeros(self.design.shape[1])
         start = 0
         for original, transform, _ in self.blocks:
             coef[original] = transform @ white_coef[start : start + transform.shape[1]]
@@ -320,11 +512,12 @@ class _LinearProblem(_Problem):
         return np.concatenate([inverse.T @ coef[original] for original, _, inverse in self.blocks])
 
     def rows(self, index) -> "_LinearProblem":
-        return _LinearProblem(np.asfortranarray(self.whitened[index]), self.target[index], self.family, self.penalty, self.blocks, self.tol, self.max_iter)
+        return _LinearProblem(np.ascontiguousarray(self.design[index]), self.target[index], self.family, self.penalty, self.blocks, self.tol, self.max_iter)
 
     def alpha_max(self) -> float:
         """The smallest α at which every group is zero (with only the intercept fitted)."""
-        gradient = self.whitened.T @ (self.target.mean() - self.target) / len(self.target)
+        original_gradient = self.design.T @ (self.target.mean() - self.target) / len(self.target)
+        gradient = np.concatenate([block.T @ original_gradient[original] for original, block, _ in self.blocks])
         ratio = max(self.penalty.l1_ratio, 1e-3)
         return float(max((self.penalty.norms(gradient) / (ratio * self.penalty.group_weights)).max(), 1e-12))
 
@@ -339,11 +532,13 @@ class _LinearProblem(_Problem):
         return float(np.linalg.eigvalsh(augmented)[-1])
 
     def fit(self, alpha: float, warm: _Solution | None) -> _Solution:
+        if self.design.shape[1] <= NEWTON_MAX_COLUMNS:
+            return _solve_newton(self.design, self.transform, self.target, self.family, self.penalty, alpha, warm, tol=self.tol, max_iter=self.max_iter)
         gram_norm = self.gram_norm if self.family.curvature is not None else 1.0
         return _solve(self.whitened, self.target, self.family, self.penalty, alpha, warm, gram_norm=gram_norm, tol=self.tol, max_iter=self.max_iter)
 
     def drive(self, solution: _Solution) -> np.ndarray:
-        return solution.intercept + self.whitened @ solution.coef
+        return solution.intercept + self.design @ self.to_original(solution.coef)
 
 
 @dataclass
@@ -371,48 +566,78 @@ class _FilterProblem(_Problem):
     vector of the loss gradient with respect to its full-grid filter.
     """
 
-    def __init__(self, features, history, target, family, l1_ratio, temporal_grid, separable, *, tol, max_iter, max_alternations):
-        self.features, self.history, self.target, self.family = np.ascontiguousarray(features), history, target, family
+    def __init__(self, source, shape, target, family, l1_ratio, temporal_grid, separable, *, tol, max_iter, max_alternations):
+        self.source, self.shape = source, shape  # source: the features (flattened to shape's size) then history, per sample
+        self.target, self.family = target, family
         self.l1_ratio, self.temporal_grid, self.separable = l1_ratio, temporal_grid, separable
         self.tol, self.max_iter, self.max_alternations = tol, max_iter, max_alternations
-        n_groups, n_spatial, n_temporal = features.shape[1:]
+        n_groups, n_spatial, n_temporal = shape
         self.group_weights = np.full(n_groups, np.sqrt(n_spatial * n_temporal))
+
+    @classmethod
+    def from_arrays(cls, features, history, target, family, l1_ratio, temporal_grid, separable, **settings) -> "_FilterProblem":
+        source = np.concatenate([features.reshape(len(target), -1), history], axis=1)
+        return cls(source, features.shape[1:], target, family, l1_ratio, temporal_grid, separable, **settings)
+
+    @property
+    def _n_filter(self) -> int:
+        return int(np.prod(self.shape))
+
+    @cached_property
+    def gram(self) -> np.ndarray:
+        """SᵀS / n of the source: every step's whitening comes from it, without a pass over the samples."""
+        return self.source.T @ self.source / len(self.target)
 
     @cached_property
     def full(self) -> _LinearProblem:
-        return self._step_problem(self.features.reshape(len(self.target), -1), int(np.prod(self.features.shape[2:])))
+        return self._step_problem()
 
-    def _step_problem(self, filter_design, per_group: int) -> _LinearProblem:
-        labels = np.concatenate([np.repeat(np.arange(self.features.shape[1]), per_group), np.full(self.history.shape[1], -1)])
-        design = np.concatenate([filter_design, self.history], axis=1)
-        return _LinearProblem.build(design, self.target, self.family, labels, self.group_weights, self.l1_ratio, tol=self.tol, max_iter=self.max_iter)
+    def _step_problem(self, weights=None, over_spatial: bool = False) -> _LinearProblem:
+        """The linear problem with one coefficient block per group (+ history): with ``weights``
+        (group, coef), each group's features summed against them over the spatial axis
+        (``over_spatial``: the temporal step, weights = s) or the temporal one (the spatial
+        step, weights = t); without, the features themselves (the full grid)."""
+        n_groups, n_spatial, n_temporal = self.shape
+        n_history = self.source.shape[1] - self._n_filter
+        if weights is None:
+            design, gram, per_group = self.source, self.gram, n_spatial * n_temporal
+        else:
+            per_group = n_temporal if over_spatial else n_spatial
+            design = _contract_features(self.source, n_groups, n_spatial, n_temporal, weights, over_spatial)
+            # The contracted design is the source times a sparse map, so its Gram is the source's mapped.
+            combination = _contraction_map(n_groups, n_spatial, n_temporal, n_history, weights, over_spatial)
+            gram = combination.T @ self.gram @ combination
+        labels = np.concatenate([np.repeat(np.arange(n_groups), per_group), np.full(n_history, -1)])
+        return _LinearProblem.build(design, self.target, self.family, labels, self.group_weights, self.l1_ratio, tol=self.tol, max_iter=self.max_iter, gram=gram)
 
     def rows(self, index) -> "_FilterProblem":
         settings = dict(tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations)
-        return _FilterProblem(
-            self.features[index], self.history[index], self.target[index], self.family, self.l1_ratio, self.temporal_grid, self.separable, **settings
-        )
+        return _FilterProblem(self.source[index], self.shape, self.target[index], self.family, self.l1_ratio, self.temporal_grid, self.separable, **settings)
 
     def alpha_max(self) -> float:
         return self.full.alpha_max()
 
     def _split(self, coef, per_group: int):
-        n_groups = self.features.shape[1]
+        n_groups = self.shape[0]
         return coef[: n_groups * per_group].reshape(n_groups, per_group), coef[n_groups * per_group :]
 
     def fit(self, alpha: float, warm: _FilterState | None) -> _FilterState:
         if self.separable:
             return self._fit_separable(alpha, warm)
-        solution = self.full.fit(alpha, warm.solutions[0] if warm is not None else None)
-        filters, history = self._split(self.full.to_original(solution.coef), int(np.prod(self.features.shape[2:])))
-        return _FilterState(solution.intercept, filters.reshape(self.features.shape[1:]), history, solution.n_iter, solution.converged, [solution])
+        start = None
+        if warm is not None:  # from the warm state's filters: it may come from a problem on other rows, whitened otherwise
+            start = _Solution(warm.intercept, self.full.to_whitened(np.concatenate([warm.filters.ravel(), warm.history])), lipschitz=warm.solutions[0].lipschitz)
+        solution = self.full.fit(alpha, start)
+        filters, history = self._split(self.full.to_original(solution.coef), self._n_filter // self.shape[0])
+        return _FilterState(solution.intercept, filters.reshape(self.shape), history, solution.n_iter, solution.converged, [solution])
 
     def _fit_separable(self, alpha: float, warm: _FilterState | None) -> _FilterState:
         """Exact convex steps over s (t fixed) and t (s fixed) until the objective settles."""
-        n_groups, n_spatial, n_temporal = self.features.shape[1:]
+        n_groups, n_spatial, n_temporal = self.shape
+        n_history = self.source.shape[1] - self._n_filter
         if warm is None:
             intercept = float(self.family.link(self.target.mean()))
-            spatial, temporal, history = np.zeros((n_groups, n_spatial)), np.zeros((n_groups, n_temporal)), np.zeros(self.history.shape[1])
+            spatial, temporal, history = np.zeros((n_groups, n_spatial)), np.zeros((n_groups, n_temporal)), np.zeros(n_history)
             steps = [_Solution(intercept, np.zeros(0))] * 2
         else:
             intercept, spatial, temporal, history, steps = warm.intercept, warm.spatial, warm.temporal.copy(), warm.history, warm.solutions
@@ -420,17 +645,17 @@ class _FilterProblem(_Problem):
         if absent.any():
             state = _FilterState(intercept, spatial[:, :, None] * temporal[:, None, :], history, 0, False, steps)
             residual = self.family.mean(self.drive(state)) - self.target
-            gradient = (residual @ self.features.reshape(len(residual), -1) / len(residual)).reshape(self.features.shape[1:])
+            gradient = (residual @ self.source[:, : self._n_filter] / len(residual)).reshape(self.shape)
             temporal[absent] = _rank_one(gradient[absent], self.temporal_grid)[1]
         previous, n_iter, converged = np.inf, 0, False
         for _ in range(self.max_alternations):
             # With t fixed, each group's drive contribution is linear in s_g: a standardised group lasso ...
-            problem = self._step_problem(_contract_features(self.features, temporal, over_spatial=False), n_spatial)
+            problem = self._step_problem(temporal, over_spatial=False)
             start = _Solution(intercept, problem.to_whitened(np.concatenate([spatial.ravel(), history])), lipschitz=steps[0].lipschitz)
             spatial_step = problem.fit(alpha, start)
             spatial, history = self._split(problem.to_original(spatial_step.coef), n_spatial)
             # ... and likewise in t_g with s fixed.
-            problem = self._step_problem(_contract_features(self.features, spatial, over_spatial=True), n_temporal)
+            problem = self._step_problem(spatial, over_spatial=True)
             start = _Solution(spatial_step.intercept, problem.to_whitened(np.concatenate([temporal.ravel(), history])), lipschitz=steps[1].lipschitz)
             temporal_step = problem.fit(alpha, start)
             new_temporal, history = self._split(problem.to_original(temporal_step.coef), n_temporal)
@@ -445,25 +670,56 @@ class _FilterProblem(_Problem):
         return _FilterState(intercept, filters, history, n_iter, converged, steps, spatial, temporal)
 
     def drive(self, state: _FilterState) -> np.ndarray:
-        return state.intercept + self.features.reshape(len(self.target), -1) @ state.filters.ravel() + self.history @ state.history
+        return state.intercept + self.source @ np.concatenate([state.filters.ravel(), state.history])
 
 
-@numba.njit(cache=True)
-def _contract_features(features, weights, over_spatial):
-    """``features`` (sample, group, spatial, temporal) summed against ``weights`` over the spatial
-    axis (``over_spatial``) or the temporal one, into a (sample, group · remaining coef) design."""
-    n, groups, n_spatial, n_temporal = features.shape
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _contract_features(source, n_groups, n_spatial, n_temporal, weights, over_spatial):
+    """``source @ _contraction_map(...)`` in one pass over the source, without the map's zeros:
+    each group's features summed against ``weights`` (group, coef) over the spatial axis
+    (``over_spatial``) or the temporal one, then the history columns as they are."""
+    n, width = source.shape[0], n_spatial * n_temporal
     kept = n_temporal if over_spatial else n_spatial
-    out = np.zeros((n, groups * kept))
+    n_history = source.shape[1] - n_groups * width
+    out = np.empty((n, n_groups * kept + n_history))
+    sums = np.empty(kept)
     for i in range(n):
-        for g in range(groups):
-            for r in range(n_spatial):
-                for c in range(n_temporal):
-                    if over_spatial:
-                        out[i, g * kept + c] += features[i, g, r, c] * weights[g, r]
-                    else:
-                        out[i, g * kept + r] += features[i, g, r, c] * weights[g, c]
+        row, out_row = source[i], out[i]
+        for g in range(n_groups):
+            base = g * width
+            if over_spatial:  # sums[c] = Σ_r s[g, r] · features[g, r, c]
+                sums[:] = 0.0
+                for r in range(n_spatial):
+                    weight = weights[g, r]
+                    for c in range(n_temporal):
+                        sums[c] += weight * row[base + r * n_temporal + c]
+            else:  # sums[r] = Σ_c features[g, r, c] · t[g, c]
+                for r in range(n_spatial):
+                    total = 0.0
+                    for c in range(n_temporal):
+                        total += row[base + r * n_temporal + c] * weights[g, c]
+                    sums[r] = total
+            out_row[g * kept : (g + 1) * kept] = sums
+        out_row[n_groups * kept :] = row[n_groups * width :]
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _contraction_map(n_groups, n_spatial, n_temporal, n_history, weights, over_spatial):
+    """The (source column × design column) map of :func:`_contract_features`."""
+    width = n_spatial * n_temporal
+    kept = n_temporal if over_spatial else n_spatial
+    combination = np.zeros((n_groups * width + n_history, n_groups * kept + n_history))
+    for g in range(n_groups):
+        for r in range(n_spatial):
+            for c in range(n_temporal):
+                if over_spatial:
+                    combination[g * width + r * n_temporal + c, g * kept + c] = weights[g, r]
+                else:
+                    combination[g * width + r * n_temporal + c, g * kept + r] = weights[g, c]
+    for h in range(n_history):
+        combination[n_groups * width + h, n_groups * kept + h] = 1.0
+    return combination
 
 
 def _sign_convention(temporal_on_grid):
@@ -520,18 +776,6 @@ def split_by_block(blocks, test_fraction: float = 0.2, seed: int = 0) -> tuple[n
     return np.sort(train), np.sort(test)
 
 
-def _cross_validate(problem: _Problem, folds, alphas) -> dict:
-    deviance = np.empty((len(alphas), len(folds)))
-    converged = np.empty((len(alphas), len(folds)), dtype=bool)
-    for k, (train, test) in enumerate(folds):
-        fit_on, held_out = problem.rows(train), problem.rows(test)
-        state = None
-        for a, alpha in enumerate(alphas):
-            state = fit_on.fit(alpha, state)
-            deviance[a, k], converged[a, k] = held_out.mean_deviance(state), state.converged
-    return _cv_results(alphas, deviance, converged)
-
-
 def _cv_results(alphas, fold_deviance, converged) -> dict:
     """``cv_results_``: the α path, held-out mean deviance per (α, fold), its mean and spread."""
     n_folds = fold_deviance.shape[1]
@@ -555,22 +799,61 @@ def _choose_alpha(cv_results: dict, rule: str) -> float:
     return float(alphas[np.flatnonzero(mean <= limit)].max())
 
 
-def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_min_ratio, cv, alpha_rule, seed, start=None):
-    """Choose α by block cross-validation unless given; refit along the path down to it (from ``start``)."""
-    cv_results = None
-    if alpha is None:
-        top = problem.alpha_max()
-        alphas = np.geomspace(top, top * alpha_min_ratio, n_alphas)
-        cv_results = _cross_validate(problem, block_folds(blocks, cv, seed), alphas)
-        alpha = _choose_alpha(cv_results, alpha_rule)
-        path = alphas[alphas >= alpha]
-    else:
-        path = [float(alpha)]
-    state, n_iter = start, 0
-    for step in path:
-        state = problem.fit(step, state)
-        n_iter += state.n_iter
-    return state, float(alpha), cv_results, n_iter
+def _fit_with_penalty_path(problem: _Problem, blocks, *, alpha, n_alphas, alpha_min_ratio, cv, alpha_rule, seed, n_jobs=None, start=None):
+    """Fit at ``alpha`` (from ``start``), or choose α by block cross-validation.
+
+    Choosing: the fit on all rows follows the α path down from α_max (each α warm-started from the
+    previous), and each fold's fit at each α starts from the all-rows fit at that α, which is far
+    closer to it than the fold's fit at the previous α (a fold holds 1 − 1/cv of the rows). A start
+    only changes where the solver begins: each fold fit still minimises the fold's own objective.
+    The fold fits are independent of each other, so they run on ``n_jobs`` threads (the solvers'
+    products and compiled loops release the GIL) while the path goes on.
+    Returns (the chosen state, α, cv_results or None, solver iterations of the path down to α).
+    """
+    if alpha is not None:
+        state = problem.fit(float(alpha), start)
+        return state, float(alpha), None, state.n_iter
+    top = problem.alpha_max()
+    alphas = np.geomspace(top, top * alpha_min_ratio, n_alphas)
+    splits = [(problem.rows(train), problem.rows(test)) for train, test in block_folds(blocks, cv, seed)]
+
+    def held_out_deviance(split, alpha, start):
+        fit_on, held_out = split
+        state = fit_on.fit(alpha, start)
+        return held_out.mean_deviance(state), state.converged
+
+    path, scores, state = [], [], start
+    with _executor(n_jobs) as pool:
+        for step in alphas:
+            state = problem.fit(step, state)
+            path.append(state)
+            scores.append([pool.submit(held_out_deviance, split, step, state) for split in splits])
+        results = np.array([[future.result() for future in row] for row in scores], dtype=float)
+    cv_results = _cv_results(alphas, results[..., 0], results[..., 1].astype(bool))
+    alpha = _choose_alpha(cv_results, alpha_rule)
+    chosen = int(np.flatnonzero(alphas == alpha)[0])
+    return path[chosen], float(alpha), cv_results, sum(state.n_iter for state in path[: chosen + 1])
+
+
+class _InThisThread:
+    """The executor for one job at a time: each call runs when submitted, in the caller's thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    @staticmethod
+    def submit(function, *args) -> Future:
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+def _executor(n_jobs):
+    workers = effective_n_jobs(n_jobs)
+    return _InThisThread() if workers == 1 else ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reduce-cv")
 
 
 @lru_cache(maxsize=1)
@@ -779,6 +1062,8 @@ class ReducedModel(BaseEstimator):
     max_alternations : cap on the separable fit's alternating steps (the two-hop condition's 36
         training prompts, fitted almost exactly, need more than 100).
     random_state : seed of the fold assignment.
+    n_jobs : threads for the cross-validation fits (scikit-learn's convention: None is 1, −1 every
+        core); the chosen α and the fit do not depend on it.
     warm_start : refit from the previous fit's filters (as scikit-learn's ``warm_start``); the
         bootstrap refits this way, which cuts the separable fit's alternations several-fold.
 
@@ -807,6 +1092,7 @@ class ReducedModel(BaseEstimator):
         max_iter: int = 5000,
         max_alternations: int = 500,
         random_state: int = 0,
+        n_jobs: int | None = None,
         warm_start: bool = False,
     ):
         self.family = family
@@ -824,6 +1110,7 @@ class ReducedModel(BaseEstimator):
         self.max_iter = max_iter
         self.max_alternations = max_alternations
         self.random_state = random_state
+        self.n_jobs = n_jobs
         self.warm_start = warm_start
 
     def fit(self, X, y=None) -> "ReducedModel":
@@ -842,12 +1129,12 @@ class ReducedModel(BaseEstimator):
             features -= features.mean(axis=0)  # = the projection of the centred inputs, without copying them
             history = np.asarray(dataset["history"].values, dtype=float) if "history" in dataset else np.zeros((len(target), 0))
             history_mean = history.mean(axis=0)
-            problem = _FilterProblem(
+            problem = _FilterProblem.from_arrays(
                 features, history - history_mean, target, family, self.l1_ratio, temporal, self.structure == "separable",
                 tol=self.tol, max_iter=self.max_iter, max_alternations=self.max_alternations,
             )
             state, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
-                problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state,
+                problem, sample_blocks(dataset), alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state, n_jobs=self.n_jobs,
                 start=getattr(self, "_state", None) if self.warm_start else None,
             )
         self._state = state
@@ -1057,7 +1344,7 @@ class UnitGLM(BaseEstimator):
     lasso on standardised columns (``group_by=None``) or the standardised group lasso over the
     features sharing a value of the coordinate ``group_by`` (e.g. ``"unit"``: a unit enters with
     all its lags or not at all), with an elastic-net ridge part for ``l1_ratio < 1``. α is chosen by
-    block cross-validation (``alpha_rule="1se"`` by default: the sparsest model within one
+    block cross-validation (its fits on ``n_jobs`` threads) (``alpha_rule="1se"`` by default: the sparsest model within one
     standard error of the best). The selected features are refitted without penalty by
     statsmodels for standard errors and p-values (cluster-robust by block when blocks are given).
     Those p-values condition on a selection made on the same data and are optimistic; refit on
@@ -1082,6 +1369,7 @@ class UnitGLM(BaseEstimator):
         tol: float = 1e-5,
         max_iter: int = 5000,
         random_state: int = 0,
+        n_jobs: int | None = None,
     ):
         self.family = family
         self.alpha = alpha
@@ -1094,6 +1382,7 @@ class UnitGLM(BaseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.random_state = random_state
+        self.n_jobs = n_jobs
 
     def _matrix(self, X) -> np.ndarray:
         if isinstance(X, xr.DataArray):
@@ -1124,7 +1413,7 @@ class UnitGLM(BaseEstimator):
         fold_blocks = np.arange(len(target)) if blocks is None else np.asarray(blocks)
         with _one_blas_thread():
             solution, self.alpha_, self.cv_results_, self.n_iter_ = _fit_with_penalty_path(
-                problem, fold_blocks, alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state
+                problem, fold_blocks, alpha=self.alpha, n_alphas=self.n_alphas, alpha_min_ratio=self.alpha_min_ratio, cv=self.cv, alpha_rule=self.alpha_rule, seed=self.random_state, n_jobs=self.n_jobs
             )
         self.coef_ = problem.to_original(solution.coef)
         self.intercept_ = float(solution.intercept - self.coef_ @ mean)

@@ -7,6 +7,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 
 from reduce.basis import Identity, LogRaisedCosine
 from reduce.errors import ReduceError
+from reduce import reduced as reduced_module
 from reduce.reduced import ReducedModel, UnitGLM, as_dataset, block_folds, bootstrap, check_dataset, evaluate, fit_controls, split_by_block
 
 DISTANCES, LAGS = np.arange(1, 7), np.arange(10)
@@ -177,7 +178,7 @@ def test_numpy_inputs_match_a_dataset_without_coordinates():
 def test_not_converged_is_reported_and_warned():
     dataset, _, _ = simulate(1000, seed=6, n_blocks=20)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
-        model = ReducedModel(alpha=1e-4, max_iter=2).fit(dataset)
+        model = ReducedModel(alpha=1e-4, max_iter=1).fit(dataset)
     assert model.converged_ is False
 
 
@@ -260,8 +261,52 @@ def test_unit_glm_selects_the_units_that_matter():
 def test_unit_glm_with_more_selected_features_than_samples_predicts_but_gives_no_standard_errors():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(12, 40)), rng.normal(size=12)
-    glm = UnitGLM("gaussian", alpha=1e-4).fit(X, y, blocks=np.arange(12) // 2)
+    # With a ridge part the penalised solution is unique and keeps more features than samples (a
+    # pure lasso's optimum keeps at most as many as there are samples, whichever solver finds it).
+    glm = UnitGLM("gaussian", alpha=1e-4, l1_ratio=0.5).fit(X, y, blocks=np.arange(12) // 2)
     assert glm.selected_.size > 12 and glm.refit_ is None
     assert np.isfinite(glm.predict(X)).all()
     with pytest.raises(ReduceError, match="collinear"):
         glm.summary_frame()
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian", "poisson"])
+def test_newton_and_fista_reach_the_same_optimum(family, monkeypatch):
+    """Narrow designs are solved by proximal Newton, wide ones by FISTA: the same objective, so
+    forcing either solver on one problem gives the same fit (to the tolerance)."""
+    dataset, _, _ = simulate(3000, family, seed=3, n_blocks=40)
+    fits = {}
+    for solver, widest_newton in (("newton", 10**6), ("fista", 0)):
+        monkeypatch.setattr(reduced_module, "NEWTON_MAX_COLUMNS", widest_newton)
+        for structure in ("separable", "full"):
+            fits[solver, structure] = ReducedModel(family=family, structure=structure, alpha=1e-3, tol=1e-8, max_iter=50_000).fit(dataset)
+    for structure in ("separable", "full"):
+        newton, fista = fits["newton", structure], fits["fista", structure]
+        assert newton.converged_ and fista.converged_
+        scale = np.abs(fista.filter_.values).max()
+        assert np.abs(newton.filter_.values - fista.filter_.values).max() < 1e-3 * scale, structure
+        assert newton.intercept_ == pytest.approx(fista.intercept_, abs=1e-3)
+
+
+def test_cross_validation_on_threads_matches_one_thread(small):
+    model, train, _, _ = small
+    threaded = clone(model).set_params(n_jobs=2).fit(train)
+    assert threaded.alpha_ == model.alpha_
+    np.testing.assert_array_equal(threaded.cv_results_["fold_deviance"], model.cv_results_["fold_deviance"])
+    np.testing.assert_array_equal(threaded.filter_.values, model.filter_.values)
+
+
+@pytest.mark.parametrize("over_spatial", [False, True])
+def test_contracted_features_are_the_source_times_the_contraction_map(over_spatial):
+    rng = np.random.default_rng(4)
+    n_groups, n_spatial, n_temporal, n_history = 2, 3, 5, 2
+    source = rng.normal(size=(40, n_groups * n_spatial * n_temporal + n_history))
+    weights = rng.normal(size=(n_groups, n_spatial if over_spatial else n_temporal))  # s sums over the spatial axis, t over the temporal
+    contracted = reduced_module._contract_features(source, n_groups, n_spatial, n_temporal, weights, over_spatial)
+    by_loops = np.concatenate(
+        [np.einsum("nrc,r->nc" if over_spatial else "nrc,c->nr", source[:, g * 15 : (g + 1) * 15].reshape(40, n_spatial, n_temporal), weights[g]) for g in range(n_groups)] + [source[:, -n_history:]],
+        axis=1,
+    )
+    np.testing.assert_allclose(contracted, by_loops, rtol=1e-12, atol=1e-12)
+    combination = reduced_module._contraction_map(n_groups, n_spatial, n_temporal, n_history, weights, over_spatial)
+    np.testing.assert_allclose(source @ combination, by_loops, rtol=1e-12, atol=1e-12)
