@@ -38,8 +38,7 @@ LEVEL_SPAN = 45
 _SMOOTHING = (1.0, 4.0, 6.0, 4.0, 1.0)
 _NO_LEVEL = np.iinfo(np.int64).min  # "no floor" for a unit's level
 MAX_BINS = 2**16  # bin indices travel as uint16 between the binning and counting passes
-# Rows binned before they are counted, unit by unit: the counting pass then reads a buffer that
-# stays in cache instead of scattering increments over every unit's histogram row by row.
+# Rows binned (one vectorised pass) before they are counted: see _accumulate_batch.
 _CELL_ROWS = 256
 
 
@@ -87,13 +86,10 @@ class RunningStats:
                 values = values[rows]
         if len(values) == 0:
             return self
-        # numpy's reductions are vectorised (several times faster than a compiled loop here).
-        low, high = values.min(0).astype(np.float64), values.max(0).astype(np.float64)
-        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        if not np.isfinite(values).all():
             raise ValueError("values must be finite (NaN or infinity would have no histogram bin)")
-        self._fit_window(np.minimum(self._min.numpy(), low), np.maximum(self._max.numpy(), high), arriving=np.ones(self.n_units, dtype=bool))
         state = (self.count, self._mean, self._m2, self._min, self._max, self.level, self.start, self.histogram)
-        _accumulate_batch(values, low, high, *(tensor.numpy() for tensor in state), self._cell_buffer())
+        _accumulate_batch(values, *(tensor.numpy() for tensor in state), self._cell_buffer())
         return self
 
     def _cell_buffer(self) -> np.ndarray:
@@ -252,24 +248,39 @@ def _as_float_array(values) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate_batch(values, low, high, count, mean, m2, minimum, maximum, level, start, histogram, cells):
-    """Add a batch (every unit's window already covers it) to the counts and moments, in place.
+def _accumulate_batch(values, count, mean, m2, minimum, maximum, level, start, histogram, cells):
+    """Add a batch of finite values to the counts and moments, in place.
 
     Bins: ``floor(value * 2**-level) - start``, an exact power-of-two scaling (``start`` as a
     float64 keeps the loop vectorised; the clamp only keeps memory safe). Rows are binned
-    ``len(cells)`` at a time, then counted unit by unit, so the counting reads a buffer that
-    stays in cache instead of scattering increments over every unit's histogram row by row.
-    Moments are summed about the batch's mid-range, which lies inside the data, so the one-pass
+    ``len(cells)`` at a time (a vectorised pass), then counted row by row: consecutive
+    increments go to different units' histograms, so none waits on the one before (counting a
+    unit's rows in turn reads the buffer with a stride and repeats increments of its few busy bins).
+
+    Windows move only where the batch leaves them, found while binning: most batches, once a
+    few have set the range, lie inside every window and cost this one pass. The first block of
+    rows that leaves a window stops the optimism: the batch's range is completed over the rows
+    left, every window moves to cover it (:func:`_fit_windows`, exactly as if fitted before the
+    batch: counts so far are coarsened without loss) and the block is binned again.
+    Moments are summed about the batch's first row, which lies inside the data, so the one-pass
     sums lose nothing that matters in float64, then merged (:func:`_merge_moments`).
     """
     n, units = values.shape
     capacity, last = cells.shape[0], histogram.shape[1] - 1
     scale, first = np.empty(units), np.empty(units)
-    shift, sums, squares = (low + high) / 2, np.zeros(units), np.zeros(units)
+    shift, sums, squares = values[0].astype(np.float64), np.zeros(units), np.zeros(units)
+    low, high = np.full(units, np.inf), np.full(units, -np.inf)
+    lowest_cell, highest_cell = np.empty(units), np.empty(units)
+    fitted = count == 0  # an empty window covers nothing: those are fitted to the whole batch first
+    if fitted.any():
+        _complete_range(values, 0, fitted, low, high)
+        for j in np.flatnonzero(fitted):
+            _move_window(j, low[j], high[j], False, _NO_LEVEL, level, start, histogram)
     for j in range(units):
         scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
     for block in range(0, n, capacity):
         filled = min(capacity, n - block)
+        lowest_cell[:], highest_cell[:] = np.inf, -np.inf
         for k in range(filled):
             row, binned = values[block + k], cells[k]
             for j in range(units):
@@ -277,13 +288,36 @@ def _accumulate_batch(values, low, high, count, mean, m2, minimum, maximum, leve
                 deviation = value - shift[j]
                 sums[j] += deviation
                 squares[j] += deviation * deviation
-                binned[j] = min(max(np.floor(value * scale[j]) - first[j], 0.0), last)
-        for j in range(units):
-            counts = histogram[j]
-            for k in range(filled):
-                counts[cells[k, j]] += 1
+                low[j], high[j] = min(low[j], value), max(high[j], value)
+                cell = np.floor(value * scale[j]) - first[j]
+                lowest_cell[j], highest_cell[j] = min(lowest_cell[j], cell), max(highest_cell[j], cell)
+                binned[j] = min(max(cell, 0.0), last)
+        leaving = ((lowest_cell < 0) | (highest_cell > last)) & ~fitted
+        if leaving.any():
+            _complete_range(values, block + filled, leaving, low, high)
+            for j in np.flatnonzero(leaving):
+                _move_window(j, min(minimum[j], low[j]), max(maximum[j], high[j]), True, _NO_LEVEL, level, start, histogram)
+                scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
+                for k in range(filled):
+                    cells[k, j] = min(max(np.floor(np.float64(values[block + k, j]) * scale[j]) - first[j], 0.0), last)
+            fitted |= leaving
+        for k in range(filled):
+            binned = cells[k]
+            for j in range(units):
+                histogram[j, binned[j]] += 1
     batch_m2 = np.maximum(squares - sums * sums / n, 0.0)
     _merge_moments(count, mean, m2, minimum, maximum, np.full(units, n), shift + sums / n, batch_m2, low, high)
+
+
+@numba.njit(nogil=True, cache=True)
+def _complete_range(values, from_row, units, low, high):
+    """Extend [low, high] of each unit where ``units`` is set over ``values[from_row:]``."""
+    chosen = np.flatnonzero(units)
+    for i in range(from_row, values.shape[0]):
+        row = values[i]
+        for j in chosen:
+            value = np.float64(row[j])
+            low[j], high[j] = min(low[j], value), max(high[j], value)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -338,23 +372,27 @@ def _rebin_into(out, counts, level, start, new_level, new_start):
 @numba.njit(nogil=True, cache=True)
 def _fit_windows(low, high, had_data, arriving, at_least, level, start, histogram):
     """Move each window that [low, high] leaves (its counts with it): see :meth:`RunningStats._fit_window`."""
-    units, bins = histogram.shape
-    moved = np.empty(bins, dtype=histogram.dtype)
-    for j in range(units):
-        if not (had_data[j] or arriving[j]):
-            continue
-        floor = _level_floor(low[j], high[j])
-        new_level = max(_level_for(low[j], high[j], bins, floor), level[j] if had_data[j] else floor, at_least[j])
-        first, last = _cell(low[j], new_level), _cell(high[j], new_level)
-        if new_level == level[j] and first >= start[j] and last < start[j] + bins:
-            continue
-        # Centre the data so later batches have room to grow either way before rebinning.
-        new_start = first - (bins - (last - first + 1)) // 2
-        if had_data[j]:
-            moved[:] = 0
-            _rebin_into(moved, histogram[j], level[j], start[j], new_level, new_start)
-            histogram[j] = moved
-        level[j], start[j] = new_level, new_start
+    for j in range(histogram.shape[0]):
+        if had_data[j] or arriving[j]:
+            _move_window(j, low[j], high[j], had_data[j], at_least[j], level, start, histogram)
+
+
+@numba.njit(nogil=True, cache=True)
+def _move_window(j, low, high, had_data, at_least, level, start, histogram):
+    """Unit ``j``'s window, moved (its counts with it) if [low, high] leaves it."""
+    bins = histogram.shape[1]
+    floor = _level_floor(low, high)
+    new_level = max(_level_for(low, high, bins, floor), level[j] if had_data else floor, at_least)
+    first, last = _cell(low, new_level), _cell(high, new_level)
+    if new_level == level[j] and first >= start[j] and last < start[j] + bins:
+        return
+    # Centre the data so later batches have room to grow either way before rebinning.
+    new_start = first - (bins - (last - first + 1)) // 2
+    if had_data:
+        moved = np.zeros(bins, dtype=histogram.dtype)
+        _rebin_into(moved, histogram[j], level[j], start[j], new_level, new_start)
+        histogram[j] = moved
+    level[j], start[j] = new_level, new_start
 
 
 @numba.njit(nogil=True, cache=True)
@@ -376,6 +414,7 @@ def _refined_modes(counts, first_value, last_value):
     """
     units, bins = counts.shape
     w0, w1, w2 = _SMOOTHING[0], _SMOOTHING[1], _SMOOTHING[2]  # symmetric taps w0 w1 w2 w1 w0
+    inverse_total = 1.0 / (2 * w0 + 2 * w1 + w2)  # 1/16: dividing by the full support is exact as this product
     offsets = np.full(units, np.nan)
     # Density and support padded by two zero bins on each side: the five taps need no bounds.
     density, support, smooth = np.zeros(bins + 4), np.zeros(bins + 4), np.empty(bins)
@@ -403,8 +442,11 @@ def _refined_modes(counts, first_value, last_value):
         for i in range(first, last + 1):
             k = i + 2
             weighted = w0 * density[k - 2] + w1 * density[k - 1] + w2 * density[k] + w1 * density[k + 1] + w0 * density[k + 2]
-            covered = w0 * support[k - 2] + w1 * support[k - 1] + w2 * support[k] + w1 * support[k + 1] + w0 * support[k + 2]
-            smooth[i] = weighted / covered  # the centre tap always counts: covered >= w2
+            if first + 2 <= i <= last - 2:  # every tap on the support: a product by the exact power of two 1/16
+                smooth[i] = weighted * inverse_total
+            else:
+                covered = w0 * support[k - 2] + w1 * support[k - 1] + w2 * support[k] + w1 * support[k + 1] + w0 * support[k + 2]
+                smooth[i] = weighted / covered  # the centre tap always counts: covered >= w2
             if smooth[i] > smooth[best]:
                 best = i
         density[first + 2 : last + 3] = 0.0
