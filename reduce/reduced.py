@@ -303,36 +303,48 @@ def _shrink(coef, grouped, group_of, thresholds):
 @numba.njit(nogil=True, cache=True)
 def _gradient_mapping(theta, gradient, grouped, group_of, thresholds, lipschitz):
     """max |L (θ − prox(θ − ∇/L))|: zero exactly at the optimum."""
-    moved = theta - gradient / lipschitz
-    coef = moved[1:].copy()
+    coef = np.empty(len(theta) - 1)
+    for j in range(len(coef)):
+        coef[j] = theta[j + 1] - gradient[j + 1] / lipschitz
     _shrink(coef, grouped, group_of, thresholds / lipschitz)
-    moved[1:] = coef
-    return lipschitz * np.max(np.abs(moved - theta))
+    largest = abs(gradient[0])  # the intercept's step is the plain gradient step
+    for j in range(len(coef)):
+        largest = max(largest, lipschitz * abs(coef[j] - theta[j + 1]))
+    return largest
 
 
 @numba.njit(nogil=True, cache=True)
 def _quadratic_step(hessian, gradient, theta, grouped, group_of, thresholds, lipschitz, tolerance, max_iter):
     """argmin_u ∇ᵀ(u − θ) + ½ (u − θ)ᵀ H (u − θ) + Σ_k thresholds_k ‖u_k‖ (u[0], the intercept,
-    unpenalised): FISTA with adaptive restart in p + 1 dimensions, from the proximal gradient point."""
-    scaled = thresholds / lipschitz
-    current = theta - gradient / lipschitz
-    coef = current[1:].copy()
-    _shrink(coef, grouped, group_of, scaled)
-    current[1:] = coef
-    extrapolated, momentum = current.copy(), 1.0
+    unpenalised): FISTA with adaptive restart in p + 1 dimensions, from the proximal gradient point.
+    Plain loops: at these sizes they run as fast as BLAS calls and compile in a fraction of the time."""
+    size, scaled = len(theta), thresholds / lipschitz
+    current, new, extrapolated = np.empty(size), np.empty(size), np.empty(size)
+    for i in range(size):
+        current[i] = theta[i] - gradient[i] / lipschitz
+    _shrink(current[1:], grouped, group_of, scaled)
+    extrapolated[:] = current
+    momentum = 1.0
     for _ in range(max_iter):
-        new = extrapolated - (gradient + hessian @ (extrapolated - theta)) / lipschitz
-        coef = new[1:].copy()
-        _shrink(coef, grouped, group_of, scaled)
-        new[1:] = coef
-        step = new - extrapolated
-        if lipschitz * np.max(np.abs(step)) <= tolerance:
-            return new
-        if np.dot(step, new - current) < 0:
+        for i in range(size):
+            model_gradient = gradient[i]
+            for k in range(size):
+                model_gradient += hessian[i, k] * (extrapolated[k] - theta[k])
+            new[i] = extrapolated[i] - model_gradient / lipschitz
+        _shrink(new[1:], grouped, group_of, scaled)
+        largest, uphill = 0.0, 0.0
+        for i in range(size):
+            largest = max(largest, abs(new[i] - extrapolated[i]))
+            uphill += (new[i] - extrapolated[i]) * (new[i] - current[i])
+        if lipschitz * largest <= tolerance:
+            return new.copy()
+        if uphill < 0:
             momentum = 1.0
         next_momentum = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * momentum**2))
-        extrapolated = new + (momentum - 1.0) / next_momentum * (new - current)
-        current, momentum = new, next_momentum
+        for i in range(size):
+            extrapolated[i] = new[i] + (momentum - 1.0) / next_momentum * (new[i] - current[i])
+            current[i] = new[i]
+        momentum = next_momentum
     return current
 
 
@@ -673,7 +685,7 @@ class _FilterProblem(_Problem):
         return state.intercept + self.source @ np.concatenate([state.filters.ravel(), state.history])
 
 
-@numba.njit(nogil=True, cache=True, fastmath=True)
+@numba.njit(nogil=True, cache=True)
 def _contract_features(source, n_groups, n_spatial, n_temporal, weights, over_spatial):
     """``source @ _contraction_map(...)`` in one pass over the source, without the map's zeros:
     each group's features summed against ``weights`` (group, coef) over the spatial axis
@@ -688,7 +700,8 @@ def _contract_features(source, n_groups, n_spatial, n_temporal, weights, over_sp
         for g in range(n_groups):
             base = g * width
             if over_spatial:  # sums[c] = Σ_r s[g, r] · features[g, r, c]
-                sums[:] = 0.0
+                for c in range(n_temporal):
+                    sums[c] = 0.0
                 for r in range(n_spatial):
                     weight = weights[g, r]
                     for c in range(n_temporal):
@@ -699,8 +712,10 @@ def _contract_features(source, n_groups, n_spatial, n_temporal, weights, over_sp
                     for c in range(n_temporal):
                         total += row[base + r * n_temporal + c] * weights[g, c]
                     sums[r] = total
-            out_row[g * kept : (g + 1) * kept] = sums
-        out_row[n_groups * kept :] = row[n_groups * width :]
+            for k in range(kept):
+                out_row[g * kept + k] = sums[k]
+        for h in range(n_history):
+            out_row[n_groups * kept + h] = row[n_groups * width + h]
     return out
 
 
