@@ -142,6 +142,16 @@ class _Solution:
     lipschitz: float = 1.0  # the last step size's inverse: the next warm start begins there
 
 
+def _problem_at(y, family: Family, penalty: _Penalty, alpha: float, start: _Solution | None, n_coef: int, tol: float):
+    """What both solvers start from: the ridge weights and group thresholds at ``alpha``, the start
+    (the intercept-only model when None) and the absolute tolerance ``tol × std(y)``."""
+    ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
+    thresholds = alpha * penalty.l1_ratio * penalty.group_weights
+    if start is None:
+        start = _Solution(float(family.link(y.mean())), np.zeros(n_coef))
+    return ridge, thresholds, start, tol * max(float(y.std()), 1e-12)
+
+
 def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _Solution | None, *, gram_norm: float, tol: float, max_iter: int) -> _Solution:
     """Minimise the penalised objective from ``start`` (or the intercept-only model).
 
@@ -154,13 +164,9 @@ def _solve(design, y, family: Family, penalty: _Penalty, alpha: float, start: _S
     few products with a design of tens of columns, where interpreted numpy would spend most of
     its time dispatching.
     """
-    ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
-    thresholds = alpha * penalty.l1_ratio * penalty.group_weights
-    if start is None:
-        start = _Solution(float(family.link(y.mean())), np.zeros(design.shape[1]))
+    ridge, thresholds, start, tolerance = _problem_at(y, family, penalty, alpha, start, design.shape[1], tol)
     backtrack = family.curvature is None
     lipschitz = start.lipschitz if backtrack else family.curvature * gram_norm + ridge.max(initial=0.0)
-    tolerance = tol * max(float(y.std()), 1e-12)
     intercept, coef, n_iter, converged, lipschitz, objective = _fista(
         design, y, family.code, penalty.grouped, penalty.group_of, ridge, thresholds,
         float(start.intercept), np.array(start.coef, dtype=float), float(lipschitz), backtrack, tolerance, max_iter,
@@ -189,11 +195,7 @@ def _solve_newton(design, transform, y, family: Family, penalty: _Penalty, alpha
     iteration multiplies the number of correct digits, so a warm-started solve takes two or three
     iterations, each about as costly as a dozen gradient passes.
     """
-    ridge = alpha * (1.0 - penalty.l1_ratio) * penalty.ridge_weights
-    thresholds = alpha * penalty.l1_ratio * penalty.group_weights
-    if start is None:
-        start = _Solution(float(family.link(y.mean())), np.zeros(transform.shape[1]))
-    tolerance = tol * max(float(y.std()), 1e-12)
+    ridge, thresholds, start, tolerance = _problem_at(y, family, penalty, alpha, start, transform.shape[1], tol)
     theta = np.concatenate([[start.intercept], start.coef]).astype(float)
     theta, objective, n_iter, converged, lipschitz = _newton(
         np.ascontiguousarray(design, dtype=float), np.ascontiguousarray(transform), y, family.code, ridge, penalty.grouped, penalty.group_of, thresholds, theta, tolerance, max_iter

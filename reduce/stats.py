@@ -257,11 +257,11 @@ def _accumulate_batch(values, count, mean, m2, minimum, maximum, level, start, h
     increments go to different units' histograms, so none waits on the one before (counting a
     unit's rows in turn reads the buffer with a stride and repeats increments of its few busy bins).
 
-    Windows move only where the batch leaves them, found while binning: most batches, once a
-    few have set the range, lie inside every window and cost this one pass. The first block of
-    rows that leaves a window stops the optimism: the batch's range is completed over the rows
-    left, every window moves to cover it (:func:`_fit_windows`, exactly as if fitted before the
-    batch: counts so far are coarsened without loss) and the block is binned again.
+    Windows move only where the batch leaves them, found while binning: once a few batches have
+    set the ranges, most units' values lie inside their windows and cost this one pass. A unit
+    whose values leave its window in a block has its batch range completed over the rows left,
+    its window moved to cover it (:func:`_move_window`, exactly as if fitted before the batch:
+    its counts so far are coarsened without loss) and its column of the block binned again.
     Moments are summed about the batch's first row, which lies inside the data, so the one-pass
     sums lose nothing that matters in float64, then merged (:func:`_merge_moments`).
     """
