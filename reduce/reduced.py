@@ -94,7 +94,7 @@ def _poisson_deviance(y, mean):
 class Family:
     name: str
     mean: Callable  # inverse link
-    code: int  # the compiled solver's number for the family (its mean and loss: _mean_of, _mean_loss)
+    code: int  # the compiled solvers' number for the family (its loss and mean: _loss_and_mean)
     unit_deviance: Callable  # of (y, mean)
     link: Callable
     curvature: float | None  # bound on the loss's second derivative in the drive (None: unbounded)
@@ -262,26 +262,17 @@ def _newton(design, transform, y, code, ridge, grouped, group_of, thresholds, th
 @numba.njit(nogil=True, cache=True)
 def _evaluate(code, y, eta, step_drive, length):
     """At the drives η + length · step_drive (η alone when step_drive is empty): the drives, the
-    mean loss of family ``code`` (inf on overflow), the mean and the IRLS weight, from one
-    exponential per sample."""
+    mean loss of family ``code`` (inf on overflow), the mean and the IRLS weight, in one pass."""
     n = len(y)
     moved, mean, weight = np.empty(n), np.empty(n), np.empty(n)
     total = 0.0
     for i in range(n):
         drive = eta[i] + length * step_drive[i] if len(step_drive) else eta[i]
         moved[i] = drive
-        if code == 0:  # log(1 + e^η) − yη and the logistic function, stably on either side
-            e = math.exp(-abs(drive))
-            total += max(drive, 0.0) + math.log1p(e) - y[i] * drive
-            mean[i] = 1.0 / (1.0 + e) if drive >= 0 else e / (1.0 + e)
-            weight[i] = mean[i] * (1.0 - mean[i])
-        elif code == 1:
-            total += 0.5 * (y[i] - drive) ** 2
-            mean[i], weight[i] = drive, 1.0
-        else:
-            m = math.exp(drive)
-            total += m - y[i] * drive
-            mean[i], weight[i] = m, m
+        term, mean[i] = _loss_and_mean(code, y[i], drive)
+        total += term
+        # dμ/dη: μ(1 − μ), 1 and μ for the canonical links
+        weight[i] = mean[i] * (1.0 - mean[i]) if code == 0 else (1.0 if code == 1 else mean[i])
     loss = total / n
     return moved, (loss if np.isfinite(loss) else np.inf), mean, weight
 
@@ -351,20 +342,25 @@ def _quadratic_step(hessian, gradient, theta, grouped, group_of, thresholds, lip
 
 
 @numba.njit(nogil=True, cache=True)
-def _mean_of(code, eta):
-    """The inverse link of family ``code`` (0 bernoulli, 1 gaussian, 2 poisson) at every drive."""
-    if code == 0:
-        out = np.empty_like(eta)
-        for i in range(len(eta)):  # the logistic function without overflow on either side
-            if eta[i] >= 0:
-                out[i] = 1.0 / (1.0 + math.exp(-eta[i]))
-            else:
-                e = math.exp(eta[i])
-                out[i] = e / (1.0 + e)
-        return out
+def _loss_and_mean(code, y, drive):
+    """One sample's negative log-likelihood (up to a constant) and mean under family ``code``
+    (0 bernoulli, 1 gaussian, 2 poisson): every solver's loss and inverse link come from here."""
+    if code == 0:  # log(1 + e^η) − yη and the logistic function, without overflow on either side
+        e = math.exp(-abs(drive))
+        return max(drive, 0.0) + math.log1p(e) - y * drive, (1.0 / (1.0 + e) if drive >= 0 else e / (1.0 + e))
     if code == 1:
-        return eta.copy()
-    return np.exp(eta)
+        return 0.5 * (y - drive) ** 2, drive
+    mean = math.exp(drive)
+    return mean - y * drive, mean
+
+
+@numba.njit(nogil=True, cache=True)
+def _mean_of(code, eta):
+    """The inverse link of family ``code`` at every drive."""
+    out = np.empty_like(eta)
+    for i in range(len(eta)):
+        out[i] = _loss_and_mean(code, 0.0, eta[i])[1]
+    return out
 
 
 @numba.njit(nogil=True, cache=True)
@@ -372,12 +368,7 @@ def _mean_loss(code, y, eta):
     """Mean negative log-likelihood of family ``code`` at the drives ``eta``, up to a constant."""
     total = 0.0
     for i in range(len(y)):
-        if code == 0:  # log(1 + e^η) − yη, stably
-            total += max(eta[i], 0.0) + math.log1p(math.exp(-abs(eta[i]))) - y[i] * eta[i]
-        elif code == 1:
-            total += 0.5 * (y[i] - eta[i]) ** 2
-        else:
-            total += math.exp(eta[i]) - y[i] * eta[i]
+        total += _loss_and_mean(code, y[i], eta[i])[0]
     return total / len(y)
 
 
@@ -597,6 +588,10 @@ class _FilterProblem(_Problem):
     def _n_filter(self) -> int:
         return int(np.prod(self.shape))
 
+    @property
+    def _n_history(self) -> int:
+        return self.source.shape[1] - self._n_filter
+
     @cached_property
     def gram(self) -> np.ndarray:
         """SᵀS / n of the source: every step's whitening comes from it, without a pass over the samples."""
@@ -612,7 +607,7 @@ class _FilterProblem(_Problem):
         (``over_spatial``: the temporal step, weights = s) or the temporal one (the spatial
         step, weights = t); without, the features themselves (the full grid)."""
         n_groups, n_spatial, n_temporal = self.shape
-        n_history = self.source.shape[1] - self._n_filter
+        n_history = self._n_history
         if weights is None:
             design, gram, per_group = self.source, self.gram, n_spatial * n_temporal
         else:
@@ -648,7 +643,7 @@ class _FilterProblem(_Problem):
     def _fit_separable(self, alpha: float, warm: _FilterState | None) -> _FilterState:
         """Exact convex steps over s (t fixed) and t (s fixed) until the objective settles."""
         n_groups, n_spatial, n_temporal = self.shape
-        n_history = self.source.shape[1] - self._n_filter
+        n_history = self._n_history
         if warm is None:
             intercept = float(self.family.link(self.target.mean()))
             spatial, temporal, history = np.zeros((n_groups, n_spatial)), np.zeros((n_groups, n_temporal)), np.zeros(n_history)
