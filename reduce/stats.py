@@ -40,6 +40,8 @@ _NO_LEVEL = np.iinfo(np.int64).min  # "no floor" for a unit's level
 MAX_BINS = 2**16  # bin indices travel as uint16 between the binning and counting passes
 # Rows binned (one vectorised pass) before they are counted: see _accumulate_batch.
 _CELL_ROWS = 256
+# Histograms counted together, in bytes: a tile that stays in L1 cache (see _count_cells).
+_TILE_BYTES = 32 * 1024
 
 
 class RunningStats:
@@ -86,10 +88,9 @@ class RunningStats:
                 values = values[rows]
         if len(values) == 0:
             return self
-        if not np.isfinite(values).all():
-            raise ValueError("values must be finite (NaN or infinity would have no histogram bin)")
         state = (self.count, self._mean, self._m2, self._min, self._max, self.level, self.start, self.histogram)
-        _accumulate_batch(values, *(tensor.numpy() for tensor in state), self._cell_buffer())
+        if not _accumulate_batch(values, *(tensor.numpy() for tensor in state), self._cell_buffer()):
+            raise ValueError("values must be finite (NaN or infinity would have no histogram bin)")
         return self
 
     def _cell_buffer(self) -> np.ndarray:
@@ -249,75 +250,72 @@ def _as_float_array(values) -> np.ndarray:
 
 @numba.njit(nogil=True, cache=True)
 def _accumulate_batch(values, count, mean, m2, minimum, maximum, level, start, histogram, cells):
-    """Add a batch of finite values to the counts and moments, in place.
+    """Add a batch of values to the counts and moments, in place; False (nothing changed) when
+    any value is NaN or infinite.
 
-    Bins: ``floor(value * 2**-level) - start``, an exact power-of-two scaling (``start`` as a
-    float64 keeps the loop vectorised; the clamp only keeps memory safe). Rows are binned
-    ``len(cells)`` at a time (a vectorised pass), then counted row by row: consecutive
-    increments go to different units' histograms, so none waits on the one before (counting a
-    unit's rows in turn reads the buffer with a stride and repeats increments of its few busy bins).
-
-    Windows move only where the batch leaves them, found while binning: once a few batches have
-    set the ranges, most units' values lie inside their windows and cost this one pass. A unit
-    whose values leave its window in a block has its batch range completed over the rows left,
-    its window moved to cover it (:func:`_move_window`, exactly as if fitted before the batch:
-    its counts so far are coarsened without loss) and its column of the block binned again.
-    Moments are summed about the batch's first row, which lies inside the data, so the one-pass
-    sums lose nothing that matters in float64, then merged (:func:`_merge_moments`).
+    Three passes, each at the speed of its own loop: the batch's moments and range (vectorised
+    over units); then each window the range leaves moves once (:func:`_move_window`: its counts
+    so far are coarsened without loss, so windows end exactly as when fitted to all data at
+    once); then blocks of ``len(cells)`` rows are binned (vectorised: ``floor(value * 2**-level)
+    - start``, an exact power-of-two scaling; ``start`` as a float64 keeps the loop vectorised;
+    the clamp only keeps memory safe) and counted tile by tile (:func:`_count_cells`).
     """
     n, units = values.shape
-    capacity, last = cells.shape[0], histogram.shape[1] - 1
+    shift, low, high, sums, squares = _batch_moments(values)
+    for j in range(units):
+        if not (np.isfinite(low[j]) and np.isfinite(high[j]) and np.isfinite(sums[j])):
+            return False
+    for j in range(units):
+        _move_window(j, min(minimum[j], low[j]), max(maximum[j], high[j]), count[j] > 0, _NO_LEVEL, level, start, histogram)
     scale, first = np.empty(units), np.empty(units)
-    shift, sums, squares = values[0].astype(np.float64), np.zeros(units), np.zeros(units)
-    low, high = np.full(units, np.inf), np.full(units, -np.inf)
-    lowest_cell, highest_cell = np.empty(units), np.empty(units)
-    fitted = count == 0  # an empty window covers nothing: those are fitted to the whole batch first
-    if fitted.any():
-        _complete_range(values, 0, fitted, low, high)
-        for j in np.flatnonzero(fitted):
-            _move_window(j, low[j], high[j], False, _NO_LEVEL, level, start, histogram)
     for j in range(units):
         scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
+    capacity, last = cells.shape[0], np.float64(histogram.shape[1] - 1)
     for block in range(0, n, capacity):
         filled = min(capacity, n - block)
-        lowest_cell[:], highest_cell[:] = np.inf, -np.inf
         for k in range(filled):
             row, binned = values[block + k], cells[k]
             for j in range(units):
-                value = np.float64(row[j])
-                deviation = value - shift[j]
-                sums[j] += deviation
-                squares[j] += deviation * deviation
-                low[j], high[j] = min(low[j], value), max(high[j], value)
-                cell = np.floor(value * scale[j]) - first[j]
-                lowest_cell[j], highest_cell[j] = min(lowest_cell[j], cell), max(highest_cell[j], cell)
-                binned[j] = min(max(cell, 0.0), last)
-        leaving = ((lowest_cell < 0) | (highest_cell > last)) & ~fitted
-        if leaving.any():
-            _complete_range(values, block + filled, leaving, low, high)
-            for j in np.flatnonzero(leaving):
-                _move_window(j, min(minimum[j], low[j]), max(maximum[j], high[j]), True, _NO_LEVEL, level, start, histogram)
-                scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
-                for k in range(filled):
-                    cells[k, j] = min(max(np.floor(np.float64(values[block + k, j]) * scale[j]) - first[j], 0.0), last)
-            fitted |= leaving
-        for k in range(filled):
-            binned = cells[k]
-            for j in range(units):
-                histogram[j, binned[j]] += 1
+                binned[j] = min(max(np.floor(np.float64(row[j]) * scale[j]) - first[j], 0.0), last)
+        _count_cells(cells[:filled], histogram)
     batch_m2 = np.maximum(squares - sums * sums / n, 0.0)
     _merge_moments(count, mean, m2, minimum, maximum, np.full(units, n), shift + sums / n, batch_m2, low, high)
+    return True
 
 
 @numba.njit(nogil=True, cache=True)
-def _complete_range(values, from_row, units, low, high):
-    """Extend [low, high] of each unit where ``units`` is set over ``values[from_row:]``."""
-    chosen = np.flatnonzero(units)
-    for i in range(from_row, values.shape[0]):
-        row = values[i]
-        for j in chosen:
+def _batch_moments(values):
+    """Per unit: the shift (the first row, which lies inside the data, so one-pass sums about it
+    lose nothing that matters in float64), minimum, maximum, and the sums of the deviations and
+    of their squares. A NaN leaves its unit's sum NaN; an infinity, its minimum or maximum infinite."""
+    n, units = values.shape
+    shift = values[0].astype(np.float64)
+    low, high = shift.copy(), shift.copy()
+    sums, squares = np.zeros(units), np.zeros(units)
+    for k in range(n):  # indexed rows: numba vectorises the loop below, not one over an iterator
+        row = values[k]
+        for j in range(units):
             value = np.float64(row[j])
+            deviation = value - shift[j]
+            sums[j] += deviation
+            squares[j] += deviation * deviation
             low[j], high[j] = min(low[j], value), max(high[j], value)
+    return shift, low, high, sums, squares
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_cells(cells, histogram):
+    """Count rows of bin indices into the histograms a tile of units at a time: the tile's
+    histograms stay in L1 cache, and consecutive increments go to different units, so none waits
+    on the one before (row by row over all units, each increment misses the cache; unit by unit,
+    a unit's few busy bins make each increment wait on the last)."""
+    rows, units = cells.shape
+    tile = max(_TILE_BYTES // (histogram.shape[1] * histogram.itemsize), 1)
+    for first in range(0, units, tile):
+        for k in range(rows):
+            binned = cells[k]
+            for j in range(first, min(first + tile, units)):
+                histogram[j, binned[j]] += 1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -381,6 +379,8 @@ def _fit_windows(low, high, had_data, arriving, at_least, level, start, histogra
 def _move_window(j, low, high, had_data, at_least, level, start, histogram):
     """Unit ``j``'s window, moved (its counts with it) if [low, high] leaves it."""
     bins = histogram.shape[1]
+    if had_data and at_least <= level[j] and _cell(low, level[j]) >= start[j] and _cell(high, level[j]) < start[j] + bins:
+        return  # the usual case once ranges have settled, decided without finding the finest level
     floor = _level_floor(low, high)
     new_level = max(_level_for(low, high, bins, floor), level[j] if had_data else floor, at_least)
     first, last = _cell(low, new_level), _cell(high, new_level)
@@ -406,6 +406,16 @@ def _log_density(smooth, i, first, last):
     return math.log(max(smooth[i] if first <= i <= last else 0.0, 1e-300))
 
 
+@numba.njit(cache=True)
+def _taps_on_support(i, first, last):
+    """The smoothing weight that falls inside the support [first, last] for the taps around bin ``i``."""
+    covered = 0.0
+    for tap in range(-2, 3):
+        if first <= i + tap <= last:
+            covered += _SMOOTHING[tap + 2]
+    return covered
+
+
 @numba.njit(nogil=True, cache=True)
 def _refined_modes(counts, first_value, last_value):
     """Fractional bin offset of the mode (0 = left edge of bin 0) per row of ``counts``; see the module doc.
@@ -416,41 +426,45 @@ def _refined_modes(counts, first_value, last_value):
     w0, w1, w2 = _SMOOTHING[0], _SMOOTHING[1], _SMOOTHING[2]  # symmetric taps w0 w1 w2 w1 w0
     inverse_total = 1.0 / (2 * w0 + 2 * w1 + w2)  # 1/16: dividing by the full support is exact as this product
     offsets = np.full(units, np.nan)
-    # Density and support padded by two zero bins on each side: the five taps need no bounds.
-    density, support, smooth = np.zeros(bins + 4), np.zeros(bins + 4), np.empty(bins)
+    # Densities padded by two zero bins on each side: the five taps need no bounds.
+    density, smooth = np.zeros(bins + 4), np.empty(bins)
     for j in range(units):
-        first, last = bins, -1
-        for i in range(bins):
-            if counts[j, i] > 0:
-                last = i
-                if first == bins:
-                    first = i
-        if last < 0:
+        row = counts[j]
+        first = 0
+        while first < bins and row[first] == 0:
+            first += 1
+        if first == bins:
             continue
+        last = bins - 1
+        while row[last] == 0:
+            last -= 1
         if first == last:
             offsets[j] = (first_value[j] + last_value[j]) / 2
             continue
         for i in range(first, last + 1):
-            density[i + 2], support[i + 2] = counts[j, i], 1.0
+            density[i + 2] = row[i]
         # The end bins hold data only between the minimum (maximum) and their inner edge: count
         # them as densities over that covered part (at least a quarter bin, to bound the noise).
         density[first + 2] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
         density[last + 2] /= min(max(last_value[j] - last, 0.25), 1.0)
         # Smoothed density over smoothed support: a pile-up against the edge of the support
         # (GELU's minimum, ReLU's zero) stays where it is instead of being smeared inwards.
-        best = first
+        # Inside, every tap is on the support (a product by the exact power of two 1/16, in a
+        # loop that vectorises); the two bins at each end divide by the taps they keep.
         for i in range(first, last + 1):
             k = i + 2
-            weighted = w0 * density[k - 2] + w1 * density[k - 1] + w2 * density[k] + w1 * density[k + 1] + w0 * density[k + 2]
-            if first + 2 <= i <= last - 2:  # every tap on the support: a product by the exact power of two 1/16
-                smooth[i] = weighted * inverse_total
-            else:
-                covered = w0 * support[k - 2] + w1 * support[k - 1] + w2 * support[k] + w1 * support[k + 1] + w0 * support[k + 2]
-                smooth[i] = weighted / covered  # the centre tap always counts: covered >= w2
-            if smooth[i] > smooth[best]:
-                best = i
+            smooth[i] = w0 * density[k - 2] + w1 * density[k - 1] + w2 * density[k] + w1 * density[k + 1] + w0 * density[k + 2]
+        for i in range(first + 2, last - 1):
+            smooth[i] *= inverse_total
+        for i in range(first, min(first + 2, last + 1)):
+            smooth[i] /= _taps_on_support(i, first, last)  # the centre tap always counts: >= w2
+        for i in range(max(last - 1, first + 2), last + 1):
+            smooth[i] /= _taps_on_support(i, first, last)
         density[first + 2 : last + 3] = 0.0
-        support[first + 2 : last + 3] = 0.0
+        best, top = first, smooth[first]
+        for i in range(first + 1, last + 1):
+            if smooth[i] > top:
+                best, top = i, smooth[i]
         centre = min(max(best, 1), bins - 2)
         left, middle, right = _log_density(smooth, centre - 1, first, last), _log_density(smooth, centre, first, last), _log_density(smooth, centre + 1, first, last)
         curvature = left - 2 * middle + right
