@@ -146,3 +146,17 @@ def test_rejects_bad_shapes_and_bins():
         RunningStats(3).update(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="same units"):
         RunningStats(3).merge(RunningStats(4))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("row", [0, 299])
+def test_a_non_finite_value_is_rejected_and_changes_nothing(bad, row):
+    rng = np.random.default_rng(2)
+    stats = accumulate([rng.normal(0, 1, (50, 3)).astype(np.float32)], bins=16)
+    before = {name: getattr(stats, name).clone() for name in ("count", "_mean", "_m2", "_min", "_max", "histogram", "level", "start")}
+    batch = rng.normal(0, 30, (300, 3)).astype(np.float32)  # would move every window
+    batch[row, 1] = bad
+    with pytest.raises(ValueError, match="finite"):
+        stats.update(batch)
+    for name, value in before.items():
+        assert torch.equal(getattr(stats, name), value), name
