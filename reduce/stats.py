@@ -38,10 +38,11 @@ LEVEL_SPAN = 45
 _SMOOTHING = (1.0, 4.0, 6.0, 4.0, 1.0)
 _NO_LEVEL = np.iinfo(np.int64).min  # "no floor" for a unit's level
 MAX_BINS = 2**16  # bin indices travel as uint16 between the binning and counting passes
-# Rows binned (one vectorised pass) before they are counted: see _accumulate_batch.
-_CELL_ROWS = 256
-# Histograms counted together, in bytes: a tile that stays in L1 cache (see _count_cells).
-_TILE_BYTES = 32 * 1024
+# Bin indices are computed a tile at a time, then counted (see _accumulate_batch): 64 units
+# (a cache line of uint8 indices) by 256 rows, 16 KiB, which stays in L1 cache.
+_TILE_UNITS = 64
+_TILE_ROWS = 256
+_TALLY_ROWS = np.iinfo(np.uint16).max  # rows a uint16 tally of counts holds
 
 
 class RunningStats:
@@ -66,7 +67,6 @@ class RunningStats:
         self.histogram = torch.zeros(n_units, bins, dtype=torch.int64)
         self.level = zeros(torch.int64)
         self.start = zeros(torch.int64)
-        self._cells = None
 
     @property
     def n_units(self) -> int:
@@ -89,18 +89,10 @@ class RunningStats:
         if len(values) == 0:
             return self
         state = (self.count, self._mean, self._m2, self._min, self._max, self.level, self.start, self.histogram)
-        if not _accumulate_batch(values, *(tensor.numpy() for tensor in state), self._cell_buffer()):
+        cells = np.empty((_TILE_ROWS, _TILE_UNITS), dtype=np.uint8 if self.bins <= 256 else np.uint16)
+        if not _accumulate_batch(values, *(tensor.numpy() for tensor in state), cells):
             raise ValueError("values must be finite (NaN or infinity would have no histogram bin)")
         return self
-
-    def _cell_buffer(self) -> np.ndarray:
-        """Rows of bin indices between the binning and counting passes, kept between batches."""
-        if self._cells is None or self._cells.shape[1] != self.n_units:
-            self._cells = np.empty((_CELL_ROWS, self.n_units), dtype=np.uint8 if self.bins <= 256 else np.uint16)
-        return self._cells
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cells": None}  # the work buffer is not sent to another process
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Add another accumulator of the same units (e.g. from another process) into this one."""
@@ -170,8 +162,7 @@ class RunningStats:
         if method == "naive":
             offset = self.histogram.argmax(1).double() + 0.5
         elif method == "refined":
-            as_offset = lambda value: (value / self.bin_width - self.start).numpy()  # noqa: E731
-            offset = torch.from_numpy(_refined_modes(self.histogram.numpy(), as_offset(self._min), as_offset(self._max)))
+            return torch.from_numpy(_refined_peaks(*(tensor.numpy() for tensor in (self.histogram, self.count, self.level, self.start, self._min, self._max))))
         else:
             raise ValueError(f"method must be 'naive' or 'refined', got {method!r}")
         return torch.where(self.count > 0, (self.start.double() + offset) * self.bin_width, torch.nan)
@@ -253,69 +244,114 @@ def _accumulate_batch(values, count, mean, m2, minimum, maximum, level, start, h
     """Add a batch of values to the counts and moments, in place; False (nothing changed) when
     any value is NaN or infinite.
 
-    Three passes, each at the speed of its own loop: the batch's moments and range (vectorised
-    over units); then each window the range leaves moves once (:func:`_move_window`: its counts
-    so far are coarsened without loss, so windows end exactly as when fitted to all data at
-    once); then blocks of ``len(cells)`` rows are binned (vectorised: ``floor(value * 2**-level)
-    - start``, an exact power-of-two scaling; ``start`` as a float64 keeps the loop vectorised;
-    the clamp only keeps memory safe) and counted tile by tile (:func:`_count_cells`).
+    Three passes, each at the speed of its own loop: the batch's range (:func:`_batch_range`);
+    then each window the range leaves moves once (:func:`_move_window`: its counts so far are
+    coarsened without loss, so windows end exactly as when fitted to all data at once); then,
+    a tile of units at a time, moments are summed and values binned into ``cells`` (both
+    vectorised over the tile; the bin is ``floor(value * 2**-level) - start``, an exact
+    power-of-two scaling; ``start`` as a float64 keeps the loop vectorised; the clamp only
+    keeps memory safe) and counted (:func:`_count_cells`). Sums are of deviations from the
+    first row, which lies inside the data, so one pass loses nothing that matters in float64.
+
+    Where memory goes is what sets the speed. A tile's row of bin indices is one cache line and
+    its rows follow each other (rows of a buffer as wide as the batch, read down a column, lie a
+    power-of-two stride apart for the usual unit counts and evict each other from the cache).
+    A batch with at least as many rows as bins is counted into a small uint16 tally that stays
+    in cache, then added to the histograms in one sequential pass, instead of incrementing
+    histograms that, for many units, are far out in memory.
     """
     n, units = values.shape
-    shift, low, high, sums, squares = _batch_moments(values)
+    low, high = _batch_range(values)
+    if low is None:
+        return False
+    bins = histogram.shape[1]
+    scale = _powers_of_two(-level)
     for j in range(units):
-        if not (np.isfinite(low[j]) and np.isfinite(high[j]) and np.isfinite(sums[j])):
-            return False
-    for j in range(units):
-        _move_window(j, min(minimum[j], low[j]), max(maximum[j], high[j]), count[j] > 0, _NO_LEVEL, level, start, histogram)
-    scale, first = np.empty(units), np.empty(units)
-    for j in range(units):
-        scale[j], first[j] = math.ldexp(1.0, -level[j]), np.float64(start[j])
-    capacity, last = cells.shape[0], np.float64(histogram.shape[1] - 1)
-    for block in range(0, n, capacity):
-        filled = min(capacity, n - block)
-        for k in range(filled):
-            row, binned = values[block + k], cells[k]
-            for j in range(units):
-                binned[j] = min(max(np.floor(np.float64(row[j]) * scale[j]) - first[j], 0.0), last)
-        _count_cells(cells[:filled], histogram)
+        lowest, highest = min(minimum[j], low[j]), max(maximum[j], high[j])
+        if not (count[j] > 0 and _window_holds(lowest, highest, scale[j], start[j], bins)):
+            _move_window(j, lowest, highest, count[j] > 0, _NO_LEVEL, level, start, histogram)
+            scale[j] = math.ldexp(1.0, -level[j])
+    shift, sums, squares = values[0].astype(np.float64), np.zeros(units), np.zeros(units)
+    offset = start.astype(np.float64)
+    tile_rows, tile_units = cells.shape
+    last = np.float64(bins - 1)
+    tallied = bins <= n
+    tally = np.zeros((tile_units if tallied else 0, bins), dtype=np.uint16)
+    for first in range(0, units, tile_units):
+        end, pending = min(first + tile_units, units), 0
+        tile_shift, tile_sums, tile_squares = shift[first:end], sums[first:end], squares[first:end]
+        tile_scale, tile_offset = scale[first:end], offset[first:end]
+        for block in range(0, n, tile_rows):
+            filled = min(tile_rows, n - block)
+            for k in range(filled):
+                row, binned = values[block + k, first:end], cells[k]
+                for j in range(end - first):
+                    value = np.float64(row[j])
+                    deviation = value - tile_shift[j]
+                    tile_sums[j] += deviation
+                    tile_squares[j] += deviation * deviation
+                    binned[j] = min(max(np.floor(value * tile_scale[j]) - tile_offset[j], 0.0), last)
+            if not tallied:
+                _count_cells(cells, filled, end - first, histogram[first:end])
+                continue
+            if pending + filled > _TALLY_ROWS:
+                _add_tally(tally, histogram[first:end])
+                pending = 0
+            _count_cells(cells, filled, end - first, tally)
+            pending += filled
+        if tallied:
+            _add_tally(tally, histogram[first:end])
     batch_m2 = np.maximum(squares - sums * sums / n, 0.0)
-    _merge_moments(count, mean, m2, minimum, maximum, np.full(units, n), shift + sums / n, batch_m2, low, high)
+    _merge_moments(count, mean, m2, minimum, maximum, np.full(units, n), shift + sums / n, batch_m2, low.astype(np.float64), high.astype(np.float64))
     return True
 
 
 @numba.njit(nogil=True, cache=True)
-def _batch_moments(values):
-    """Per unit: the shift (the first row, which lies inside the data, so one-pass sums about it
-    lose nothing that matters in float64), minimum, maximum, and the sums of the deviations and
-    of their squares. A NaN leaves its unit's sum NaN; an infinity, its minimum or maximum infinite."""
-    n, units = values.shape
-    shift = values[0].astype(np.float64)
-    low, high = shift.copy(), shift.copy()
-    sums, squares = np.zeros(units), np.zeros(units)
-    for k in range(n):  # indexed rows: numba vectorises the loop below, not one over an iterator
+def _batch_range(values):
+    """Per unit, the minimum and maximum, in the values' own precision (exact, and twice as many
+    per vector for float32); ``(None, None)`` when any value is NaN or infinite: ``value - value``
+    is 0 for every finite value, and stays NaN in the running check."""
+    low, high = values[0].copy(), values[0].copy()
+    check = np.zeros_like(low)
+    for k in range(values.shape[0]):  # indexed rows: numba vectorises the loop below, not one over an iterator
         row = values[k]
-        for j in range(units):
-            value = np.float64(row[j])
-            deviation = value - shift[j]
-            sums[j] += deviation
-            squares[j] += deviation * deviation
+        for j in range(len(row)):
+            value = row[j]
+            check[j] += value - value
             low[j], high[j] = min(low[j], value), max(high[j], value)
-    return shift, low, high, sums, squares
+    for j in range(len(check)):
+        if check[j] != 0:
+            return None, None
+    return low, high
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_cells(cells, histogram):
-    """Count rows of bin indices into the histograms a tile of units at a time: the tile's
-    histograms stay in L1 cache, and consecutive increments go to different units, so none waits
-    on the one before (row by row over all units, each increment misses the cache; unit by unit,
-    a unit's few busy bins make each increment wait on the last)."""
-    rows, units = cells.shape
-    tile = max(_TILE_BYTES // (histogram.shape[1] * histogram.itemsize), 1)
-    for first in range(0, units, tile):
+def _add_tally(tally, histogram):
+    """Add the tally of each unit to its histogram (row by row, in order), and clear it."""
+    for j in range(len(histogram)):
+        counts, tallied = histogram[j], tally[j]
+        for i in range(len(counts)):
+            counts[i] += tallied[i]
+            tallied[i] = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_cells(cells, rows, units, histogram):
+    """Count the first ``rows`` rows of bin indices of ``units`` units into their histograms,
+    four units at a time: consecutive increments go to different units, so none waits on the
+    one before (a unit's few busy bins would make each increment wait on the last), and the four
+    histograms stay in L1 cache."""
+    for first in range(0, units - units % 4, 4):
+        h0, h1, h2, h3 = histogram[first], histogram[first + 1], histogram[first + 2], histogram[first + 3]
         for k in range(rows):
             binned = cells[k]
-            for j in range(first, min(first + tile, units)):
-                histogram[j, binned[j]] += 1
+            h0[binned[first]] += 1
+            h1[binned[first + 1]] += 1
+            h2[binned[first + 2]] += 1
+            h3[binned[first + 3]] += 1
+    for j in range(units - units % 4, units):
+        for k in range(rows):
+            histogram[j, cells[k, j]] += 1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -375,11 +411,31 @@ def _fit_windows(low, high, had_data, arriving, at_least, level, start, histogra
             _move_window(j, low[j], high[j], had_data[j], at_least[j], level, start, histogram)
 
 
+@numba.njit(cache=True)
+def _window_holds(low, high, scale, start, bins):
+    """Whether [low, high] lies in the window of ``bins`` cells of width ``1 / scale`` from cell ``start``."""
+    return np.floor(low * scale) >= start and np.floor(high * scale) < start + bins
+
+
+@numba.njit(cache=True)
+def _powers_of_two(exponents):
+    """``2.0 ** exponents``, exact: the bits of each float64 are written directly (a loop that
+    vectorises, where ``ldexp`` is a call per element), except beyond the normal range."""
+    bits = np.empty(len(exponents), dtype=np.int64)
+    for j in range(len(exponents)):
+        bits[j] = (min(max(exponents[j], -1022), 1023) + 1023) << 52
+    powers = bits.view(np.float64)
+    for j in range(len(exponents)):
+        if not -1022 <= exponents[j] <= 1023:
+            powers[j] = math.ldexp(1.0, exponents[j])
+    return powers
+
+
 @numba.njit(nogil=True, cache=True)
 def _move_window(j, low, high, had_data, at_least, level, start, histogram):
     """Unit ``j``'s window, moved (its counts with it) if [low, high] leaves it."""
     bins = histogram.shape[1]
-    if had_data and at_least <= level[j] and _cell(low, level[j]) >= start[j] and _cell(high, level[j]) < start[j] + bins:
+    if had_data and at_least <= level[j] and _window_holds(low, high, math.ldexp(1.0, -level[j]), start[j], bins):
         return  # the usual case once ranges have settled, decided without finding the finest level
     floor = _level_floor(low, high)
     new_level = max(_level_for(low, high, bins, floor), level[j] if had_data else floor, at_least)
@@ -417,6 +473,14 @@ def _taps_on_support(i, first, last):
 
 
 @numba.njit(nogil=True, cache=True)
+def _refined_peaks(histogram, count, level, start, minimum, maximum):
+    """The refined mode of every unit (NaN for a unit with no data), in its values' units."""
+    scale, width = _powers_of_two(-level), _powers_of_two(level)
+    offsets = _refined_modes(histogram, minimum * scale - start, maximum * scale - start)
+    return np.where(count > 0, (start + offsets) * width, np.nan)
+
+
+@numba.njit(nogil=True, cache=True)
 def _refined_modes(counts, first_value, last_value):
     """Fractional bin offset of the mode (0 = left edge of bin 0) per row of ``counts``; see the module doc.
 
@@ -441,30 +505,35 @@ def _refined_modes(counts, first_value, last_value):
         if first == last:
             offsets[j] = (first_value[j] + last_value[j]) / 2
             continue
-        for i in range(first, last + 1):
-            density[i + 2] = row[i]
+        # Views over the support, indexed from 0, so the loops below vectorise.
+        width = last - first + 1
+        padded, values = density[first : last + 5], row[first : last + 1]
+        for m in range(width):
+            padded[m + 2] = values[m]
         # The end bins hold data only between the minimum (maximum) and their inner edge: count
         # them as densities over that covered part (at least a quarter bin, to bound the noise).
-        density[first + 2] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
-        density[last + 2] /= min(max(last_value[j] - last, 0.25), 1.0)
+        padded[2] /= min(max(first + 1 - first_value[j], 0.25), 1.0)
+        padded[width + 1] /= min(max(last_value[j] - last, 0.25), 1.0)
         # Smoothed density over smoothed support: a pile-up against the edge of the support
         # (GELU's minimum, ReLU's zero) stays where it is instead of being smeared inwards.
-        # Inside, every tap is on the support (a product by the exact power of two 1/16, in a
-        # loop that vectorises); the two bins at each end divide by the taps they keep.
-        for i in range(first, last + 1):
-            k = i + 2
-            smooth[i] = w0 * density[k - 2] + w1 * density[k - 1] + w2 * density[k] + w1 * density[k + 1] + w0 * density[k + 2]
-        for i in range(first + 2, last - 1):
-            smooth[i] *= inverse_total
-        for i in range(first, min(first + 2, last + 1)):
-            smooth[i] /= _taps_on_support(i, first, last)  # the centre tap always counts: >= w2
-        for i in range(max(last - 1, first + 2), last + 1):
-            smooth[i] /= _taps_on_support(i, first, last)
-        density[first + 2 : last + 3] = 0.0
-        best, top = first, smooth[first]
-        for i in range(first + 1, last + 1):
-            if smooth[i] > top:
-                best, top = i, smooth[i]
+        # Inside, every tap is on the support (a product by the exact power of two 1/16); the
+        # two bins at each end divide by the taps they keep.
+        smoothed = smooth[first : last + 1]
+        for m in range(width):
+            smoothed[m] = w0 * padded[m] + w1 * padded[m + 1] + w2 * padded[m + 2] + w1 * padded[m + 3] + w0 * padded[m + 4]
+        for m in range(2, width - 2):
+            smoothed[m] *= inverse_total
+        for m in range(min(2, width)):
+            smoothed[m] /= _taps_on_support(first + m, first, last)  # the centre tap always counts: >= w2
+        for m in range(max(width - 2, 2), width):
+            smoothed[m] /= _taps_on_support(first + m, first, last)
+        padded[:] = 0.0
+        top = smoothed[0]
+        for m in range(1, width):
+            top = max(top, smoothed[m])
+        best = first
+        while smooth[best] != top:  # the first bin at the top, as a running argmax would pick
+            best += 1
         centre = min(max(best, 1), bins - 2)
         left, middle, right = _log_density(smooth, centre - 1, first, last), _log_density(smooth, centre, first, last), _log_density(smooth, centre + 1, first, last)
         curvature = left - 2 * middle + right

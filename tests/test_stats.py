@@ -55,6 +55,16 @@ def test_any_batching_gives_numpy_histogram_and_moments(values, sizes):
     assert_matches_numpy(accumulate(batches, bins=8), data)
 
 
+def test_a_batch_longer_than_a_uint16_tally_across_several_tiles_matches_numpy():
+    """Counts pass through a uint16 tally per tile of units; a unit with every value in one bin
+    must still count them all, in each tile and in the last, partial group of units."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(0, 1, (70_000, 70)).astype(np.float32)
+    data[:, 3] = 0.5  # one bin holds more than a uint16 can
+    data[:, 69] = np.float32(2.0) ** -20
+    assert_matches_numpy(accumulate([data], bins=32), data)
+
+
 def test_merge_equals_one_pass_and_concat_stacks_units():
     rng = np.random.default_rng(1)
     left = rng.normal(0, 1, (300, 6))
