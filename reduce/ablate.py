@@ -11,7 +11,8 @@ speed-ups:
 * **layer reuse**: when every ablation of a forward touches only layers ``>= l``, the clean
   ``blocks.l.hook_resid_pre`` is fed in and layers ``< l`` are skipped
   (:func:`reduce.hooks.start_at_layer`); when the units of layer ``l`` reach the residual stream
-  only through their linear out-projection, layer ``l`` is skipped as well (:meth:`AblationRunner.entry`).
+  only through their linear out-projection, layer ``l`` is skipped as well (:meth:`AblationRunner.entry`;
+  for the last layer, only what follows it runs: the final norm and the unembedding).
 
 All give the plain one-ablation-per-forward result (tested to 1e-5, padded batches included).
 :class:`Evaluation` runs a whole prompt set; :func:`ablate` is the pipeline stage writing
@@ -199,7 +200,7 @@ class Measures:
 @dataclass
 class Prepared:
     """A batch with its clean measures and, for layer reuse, the clean residual stream entering
-    every layer and the clean unit sites."""
+    every layer (``resid_pre[L]``: leaving the last) and the clean unit sites."""
 
     batch: Batch
     clean: dict[str, np.ndarray]
@@ -233,7 +234,8 @@ class AblationRunner:
     def prepare(self, batch: Batch, measure: Measure) -> Prepared:
         """The clean forward: measures without ablation, and what layer reuse starts from."""
         batch = batch.to(self.model.device)
-        resid_sites = [Site.parse(f"blocks.{l}.hook_resid_pre") for l in range(1, self.model.n_layers)] if self.reuse_layers else []
+        last = self.model.n_layers - 1
+        resid_sites = [*(Site.parse(f"blocks.{l}.hook_resid_pre") for l in range(1, last + 1)), Site.parse(f"blocks.{last}.hook_resid_post")] if self.reuse_layers else []
         unit_sites = self.units.sites if self.reuse_layers else []
         with hooked(self.model, record=[*measure.sites, *resid_sites, *unit_sites]) as recorded:
             output = forward(self.model, batch)
@@ -274,10 +276,11 @@ class AblationRunner:
         cached clean residual stream. When every unit ablated in ``l`` reaches the residual stream
         only through its linear out-projection (MLP units of pre-norm blocks, attention units of
         parallel blocks; checked once per kind), layer ``l`` is skipped too: the forward starts at
-        ``l + 1`` from the clean stream plus the projected change.
+        ``l + 1`` from the clean stream plus the projected change (``L``, after the last layer:
+        only the final norm and head run).
         """
         first = self.first_layer(ablation)
-        if not self.reuse_layers or first >= self.model.n_layers - 1:
+        if not self.reuse_layers or first >= self.model.n_layers:
             return first, False
         kinds = {str(self.units.kind[u]) for u in ablation.units if self.units.layer[u] == first}
         if all(self._reaches_residual_linearly(kind, prepared) for kind in kinds):
@@ -296,16 +299,16 @@ class AblationRunner:
         n_settings, n_prompts = len(chunk), len(batch)
         entries = [self.entry(a, prepared) for a in chunk]
         start = min(min(layer for layer, _ in entries), floor) if self.reuse_layers else 0
-        if start >= self.model.n_layers:  # nothing ablated upstream of anything measured: the clean run
-            return {name: np.repeat(value[None], n_settings, 0) for name, value in prepared.clean.items()}
         ablated = np.zeros((n_settings, len(self.units)), dtype=bool)
         for j, ablation in enumerate(chunk):
             ablated[j, list(ablation.units)] = True
+        patch_rows = np.array([patch and layer == start for layer, patch in entries])
+        patched = ablated & patch_rows[:, None] & (self.units.layer == start - 1)[None, :]
+        if start >= self.model.n_layers and not patched.any():  # nothing ablated upstream of anything measured: the clean run
+            return {name: np.repeat(value[None], n_settings, 0) for name, value in prepared.clean.items()}
         positions = None
         if any(a.position != "all" for a in chunk):
             positions = torch.stack([Target("logit", position=a.position).position_mask(batch.lengths, batch.width) for a in chunk])[..., None]
-        patch_rows = np.array([patch and layer == start for layer, patch in entries])
-        patched = ablated & patch_rows[:, None] & (self.units.layer == start - 1)[None, :]
         rows = batch.repeat(n_settings)
         prompt = torch.arange(n_prompts, device=batch.input_ids.device).repeat(n_settings)
         interventions = self._interventions(ablated & ~patched, positions, batch, offsets)

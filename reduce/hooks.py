@@ -121,7 +121,8 @@ class _Passthrough(torch.nn.Module):
 
 @contextmanager
 def start_at_layer(model, layer: int, resid_pre: torch.Tensor):
-    """Skip layers ``< layer`` and feed ``resid_pre`` (cached from an earlier run) into ``layer``.
+    """Skip layers ``< layer`` and feed ``resid_pre`` (cached from an earlier run) into ``layer``
+    (``layer == L``: into what follows the last layer, e.g. the final norm and the unembedding).
 
     Ablations that touch only layers >= ``layer`` give exactly the same result this way as
     a full run, for the cost of ``L - layer`` layers.
@@ -130,7 +131,8 @@ def start_at_layer(model, layer: int, resid_pre: torch.Tensor):
     saved = [layers[i] for i in range(layer)]
     for i in range(layer):
         layers[i] = _Passthrough()
-    handle = layers[layer].register_forward_pre_hook(lambda module, args: (resid_pre, *args[1:]))
+    # The skipped layer just below passes the stream on unchanged, whichever layer comes next.
+    handle = layers[layer - 1].register_forward_pre_hook(lambda module, args: (resid_pre, *args[1:]))
     try:
         yield
     finally:

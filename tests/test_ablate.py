@@ -90,8 +90,9 @@ def test_layers_are_skipped_only_where_units_reach_the_residual_stream_linearly(
     layer0 = {kind: int(np.flatnonzero((units.layer == 0) & (units.kind == kind))[0]) for kind in ("mlp", "attn")}
     assert runner.entry(Ablation((layer0["mlp"],), Baseline.ZERO), prepared) == ((1, True) if mlp else (0, False))
     assert runner.entry(Ablation((layer0["attn"],), Baseline.ZERO), prepared) == ((1, True) if attn else (0, False))
-    last_layer = int(np.flatnonzero(units.layer == 1)[0])
-    assert runner.entry(Ablation((last_layer,), Baseline.ZERO), prepared) == (1, False)
+    last = {kind: int(np.flatnonzero((units.layer == model.n_layers - 1) & (units.kind == kind))[0]) for kind in ("mlp", "attn")}
+    assert runner.entry(Ablation((last["mlp"],), Baseline.ZERO), prepared) == ((model.n_layers, True) if mlp else (model.n_layers - 1, False))
+    assert runner.entry(Ablation((last["attn"],), Baseline.ZERO), prepared) == ((model.n_layers, True) if attn else (model.n_layers - 1, False))
     assert runner.entry(Ablation((), Baseline.ZERO), prepared) == (model.n_layers, False)
 
 
