@@ -128,6 +128,8 @@ def start_at_layer(model, layer: int, resid_pre: torch.Tensor):
     a full run, for the cost of ``L - layer`` layers.
     """
     layers = model.layers
+    if not 1 <= layer <= len(layers):
+        raise ValueError(f"start_at_layer: layer must be from 1 to {len(layers)} (the model's layer count), got {layer}")
     saved = [layers[i] for i in range(layer)]
     for i in range(layer):
         layers[i] = _Passthrough()

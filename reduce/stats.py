@@ -329,10 +329,10 @@ def _batch_range(values):
 def _add_tally(tally, histogram):
     """Add the tally of each unit to its histogram (row by row, in order), and clear it."""
     for j in range(len(histogram)):
-        counts, tallied = histogram[j], tally[j]
+        counts, added = histogram[j], tally[j]
         for i in range(len(counts)):
-            counts[i] += tallied[i]
-            tallied[i] = 0
+            counts[i] += added[i]
+            added[i] = 0
 
 
 @numba.njit(nogil=True, cache=True)

@@ -75,6 +75,26 @@ def test_start_at_layer_equals_full_run(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_starting_after_the_last_layer_runs_only_what_follows_it(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model)
+    leaving = Site.parse(f"blocks.{model.n_layers - 1}.hook_resid_post")
+    with torch.no_grad():
+        with hooked(model, record=[leaving]) as recorded:
+            full = _out(model, inputs)
+        with start_at_layer(model, model.n_layers, recorded[leaving.name]):
+            resumed = _out(model, inputs)
+        moved = recorded[leaving.name] + torch.randn(recorded[leaving.name].shape, generator=torch.Generator().manual_seed(0))
+        with start_at_layer(model, model.n_layers, moved):
+            perturbed = _out(model, inputs)
+    torch.testing.assert_close(resumed, full, rtol=0, atol=1e-6)
+    assert not torch.allclose(perturbed, full), "the fed stream must reach the output"
+    with pytest.raises(ValueError, match="layer must be from 1"):
+        with start_at_layer(model, 0, recorded[leaving.name]):
+            pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_forward_stopped_after_its_sites_records_what_a_full_one_does(family):
     model = tiny_model(family)
     inputs = tiny_inputs(model)
