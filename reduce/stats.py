@@ -490,8 +490,8 @@ def _refined_modes(counts, first_value, last_value):
     w0, w1, w2 = _SMOOTHING[0], _SMOOTHING[1], _SMOOTHING[2]  # symmetric taps w0 w1 w2 w1 w0
     inverse_total = 1.0 / (2 * w0 + 2 * w1 + w2)  # 1/16: dividing by the full support is exact as this product
     offsets = np.full(units, np.nan)
-    # Densities padded by two zero bins on each side: the five taps need no bounds.
-    density, smooth = np.zeros(bins + 4), np.empty(bins)
+    # Densities padded by two zero bins on each side of the support: the five taps need no bounds.
+    density, smooth = np.empty(bins + 4), np.empty(bins)
     for j in range(units):
         row = counts[j]
         first = 0
@@ -508,6 +508,7 @@ def _refined_modes(counts, first_value, last_value):
         # Views over the support, indexed from 0, so the loops below vectorise.
         width = last - first + 1
         padded, values = density[first : last + 5], row[first : last + 1]
+        padded[0] = padded[1] = padded[width + 2] = padded[width + 3] = 0.0
         for m in range(width):
             padded[m + 2] = values[m]
         # The end bins hold data only between the minimum (maximum) and their inner edge: count
@@ -527,7 +528,6 @@ def _refined_modes(counts, first_value, last_value):
             smoothed[m] /= _taps_on_support(first + m, first, last)  # the centre tap always counts: >= w2
         for m in range(max(width - 2, 2), width):
             smoothed[m] /= _taps_on_support(first + m, first, last)
-        padded[:] = 0.0
         top = smoothed[0]
         for m in range(1, width):
             top = max(top, smoothed[m])
