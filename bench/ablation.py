@@ -78,7 +78,8 @@ def run(quick: bool = False) -> dict:
     results["batched_ablation_timings"] = t.summary()
     results["batched_ablation_speedup"] = t.ratio("one_per_forward", "stacked")
 
-    # Ablations in the last layer: start there from the cached residual stream vs rerun every layer.
+    # Ablations in the last layer: start from the cached residual stream (past the last layer itself
+    # where its units reach the stream linearly: only the final norm and head run) vs rerun every layer.
     last = single_units(units.rows(mlp[-1])[:per_plan], [baseline])
     t = interleaved(
         {
