@@ -159,13 +159,14 @@ class RunningStats:
 
     def peak(self, method: str = "refined") -> torch.Tensor:
         """The modal value per unit (``"naive"``: fullest bin's centre; ``"refined"``: see module doc)."""
+        level, start = self.level.numpy(), self.start.numpy()
         if method == "naive":
-            offset = self.histogram.argmax(1).double() + 0.5
+            offsets = self.histogram.argmax(1).double().numpy() + 0.5
         elif method == "refined":
-            return torch.from_numpy(_refined_peaks(*(tensor.numpy() for tensor in (self.histogram, self.count, self.level, self.start, self._min, self._max))))
+            offsets = _refined_offsets(self.histogram.numpy(), level, start, self._min.numpy(), self._max.numpy())
         else:
             raise ValueError(f"method must be 'naive' or 'refined', got {method!r}")
-        return torch.where(self.count > 0, (self.start.double() + offset) * self.bin_width, torch.nan)
+        return torch.from_numpy(_values_at_offsets(offsets, self.count.numpy(), level, start))
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -473,11 +474,17 @@ def _taps_on_support(i, first, last):
 
 
 @numba.njit(nogil=True, cache=True)
-def _refined_peaks(histogram, count, level, start, minimum, maximum):
-    """The refined mode of every unit (NaN for a unit with no data), in its values' units."""
-    scale, width = _powers_of_two(-level), _powers_of_two(level)
-    offsets = _refined_modes(histogram, minimum * scale - start, maximum * scale - start)
-    return np.where(count > 0, (start + offsets) * width, np.nan)
+def _refined_offsets(histogram, level, start, minimum, maximum):
+    """The refined mode of every unit as a bin offset (:func:`_refined_modes`), from its exact
+    minimum and maximum in values."""
+    scale = _powers_of_two(-level)
+    return _refined_modes(histogram, minimum * scale - start, maximum * scale - start)
+
+
+@numba.njit(nogil=True, cache=True)
+def _values_at_offsets(offsets, count, level, start):
+    """Bin offsets (0 = left edge of bin 0) as values, exactly; NaN for a unit with no data."""
+    return np.where(count > 0, (start + offsets) * _powers_of_two(level), np.nan)
 
 
 @numba.njit(nogil=True, cache=True)
